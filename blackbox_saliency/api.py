@@ -1,0 +1,89 @@
+"""``explain``: the one call most users need."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Literal
+
+import torch
+
+from ._classifier import device_of
+from ._validation import ClassIds, check_class_ids, check_classifier, check_images, check_logits
+from .explainer import Explainer
+from .optimize import optimize_masks
+
+__all__ = ["explain"]
+
+logger = logging.getLogger(__name__)
+_warned_fallback = False
+
+
+def explain(
+    classifier: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    class_ids: ClassIds,
+    explainer: Explainer | None = None,
+    method: Literal["auto", "explainer", "optimize"] = "auto",
+    batch_size: int = 64,
+    **optimize_kwargs: Any,
+) -> torch.Tensor:
+    """Saliency masks of ``classifier`` for ``images`` and ``class_ids``.
+
+    Args:
+        classifier: any differentiable model or callable mapping ``(N, 3, H, W)`` to logits
+            ``(N, K)``; treated as a black box, left in the mode it was in and never changed.
+        images: the batch exactly as the classifier takes it (already normalised).
+        class_ids: an int (the same class for all), a list, or a ``(N,)`` tensor.
+        explainer: a trained :class:`Explainer` for this classifier.
+        method: ``"explainer"`` (one forward pass; needs ``explainer``), ``"optimize"`` (the
+            paper's slow iterative baseline: a few hundred classifier passes per image), or
+            ``"auto"``: the explainer when there is one, else the optimisation, with a warning.
+        batch_size: images processed at once.
+        **optimize_kwargs: ``steps``, ``lr``, ``mask_size``, ``objective`` for the optimisation.
+
+    Returns:
+        Masks ``(N, 1, H, W)`` in ``[0, 1]`` on the images' device; 1 keeps evidence, 0 removes it.
+
+    Example:
+        >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+        >>> explain(clf, torch.randn(2, 3, 16, 16), 1, method="optimize", steps=2).shape
+        torch.Size([2, 1, 16, 16])
+    """
+    global _warned_fallback
+    classifier = check_classifier(classifier)
+    images = check_images(images)
+    if method not in ("auto", "explainer", "optimize"):
+        raise ValueError(f"method: expected 'auto', 'explainer' or 'optimize', got {method!r}")
+    if explainer is not None and not isinstance(explainer, Explainer):
+        raise TypeError(f"explainer: expected an Explainer, got {type(explainer).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if method == "explainer" and explainer is None:
+        raise ValueError("explainer: method='explainer' needs a trained explainer (see fit_explainer)")
+    if optimize_kwargs and (method == "explainer" or (method == "auto" and explainer is not None)):
+        raise TypeError(f"explain: {sorted(optimize_kwargs)} only apply to method='optimize'")
+
+    if method == "explainer" or (method == "auto" and explainer is not None):
+        ids = check_class_ids(class_ids, images.shape[0], explainer.num_classes)
+        with torch.no_grad():
+            return torch.cat([explainer(images[i : i + batch_size], ids[i : i + batch_size])
+                              for i in range(0, images.shape[0], batch_size)])
+
+    if method == "auto" and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            "explain: no trained explainer given, so masks are found by iterative optimisation "
+            "(hundreds of classifier passes per image); train one with fit_explainer for one-pass masks",
+            stacklevel=2,
+        )
+    device = device_of(classifier, images.device)
+    with torch.no_grad():
+        logits = check_logits(classifier(images[:1].to(device)), 1)
+    ids = check_class_ids(class_ids, images.shape[0], logits.shape[1])
+    chunks = []
+    for i in range(0, images.shape[0], batch_size):
+        logger.debug("optimising masks for images %d-%d", i, min(i + batch_size, images.shape[0]))
+        chunk = images[i : i + batch_size].to(device)
+        chunks.append(optimize_masks(classifier, chunk, ids[i : i + batch_size], **optimize_kwargs).to(images.device))
+    return torch.cat(chunks)
