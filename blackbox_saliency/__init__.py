@@ -1,0 +1,20 @@
+"""blackbox-saliency: real-time saliency masks for any differentiable image classifier.
+
+The method of Dabkowski & Gal, "Real Time Image Saliency for Black Box Classifiers" (2017): a
+masking model trained against a fixed classifier outputs, in one forward pass, the smallest
+smooth mask that keeps the class recognisable and whose removal destroys it.
+
+Example:
+    >>> from blackbox_saliency import explain, fit_explainer   # doctest: +SKIP
+    >>> explainer = fit_explainer(classifier, dataset, encoder="small")   # doctest: +SKIP
+    >>> masks = explain(classifier, images, class_ids, explainer=explainer)   # doctest: +SKIP
+"""
+
+from .api import explain
+from .classifiers import load_classifier
+from .explainer import Explainer
+from .objective import SaliencyObjective
+from .training import fit_explainer
+
+__all__ = ["explain", "fit_explainer", "Explainer", "SaliencyObjective", "load_classifier"]
+__version__ = "0.1.0"
