@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class ConstantLogits(torch.nn.Module):
+    """A classifier whose answer is known: the same logits for every image, with a
+    differentiable path from the input (a zero-weighted mean) so gradients are defined."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.as_tensor(logits, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1) + 0.0 * x.mean(dim=(1, 2, 3), keepdim=False).unsqueeze(1)
+
+
+def tiny_cnn(num_classes: int = 4) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(8, num_classes),
+    )
+
+
+SMALL = {"encoder": "small", "encoder_kwargs": {"widths": [8, 16, 32], "layers_per_block": 2}}

@@ -1,0 +1,106 @@
+import os
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from blackbox_saliency import Explainer, fit_explainer
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
+
+from conftest import SMALL, ConstantLogits, tiny_cnn
+
+
+def _fit(classifier=None, data=None, **kwargs):
+    kwargs = {**SMALL, "epochs": 1, "batch_size": 8, "progress": False, **kwargs}
+    data = PlantedPatterns(32, patch=12) if data is None else data
+    return fit_explainer(classifier if classifier is not None else PatternClassifier(patch=12), data, **kwargs)
+
+
+def test_fit_returns_an_eval_explainer_and_leaves_the_classifier_alone():
+    classifier = tiny_cnn(4).train()
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
+    explainer = _fit(classifier)
+    assert isinstance(explainer, Explainer) and not explainer.training
+    assert explainer.num_classes == 4 and explainer.config["training"]["steps"] == 4
+    assert classifier.training and all(p.requires_grad for p in classifier.parameters())
+    assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
+
+
+def test_training_changes_the_masking_model():
+    torch.manual_seed(0)
+    untrained = Explainer(num_classes=4, **SMALL).state_dict()
+    trained = _fit(seed=0).state_dict()
+    assert any(not torch.equal(untrained[k], trained[k]) for k in trained if k.endswith("weight"))
+
+
+def test_same_seed_same_weights_on_cpu():
+    a, b, c = _fit(seed=1).state_dict(), _fit(seed=1).state_dict(), _fit(seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path):
+    full = _fit(seed=3, epochs=2).state_dict()
+    _fit(seed=3, epochs=2, max_steps=5, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert (tmp_path / "last.pt").exists()
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]  # atomic writes leave no litter
+    resumed = _fit(seed=3, epochs=2, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.config["training"]["steps"] == 8
+    assert all(torch.allclose(full[k].float(), resumed.state_dict()[k].float(), atol=1e-5) for k in full)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _fit(seed=3, max_steps=2, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        _fit(seed=3, lr=0.5, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_corrupted_checkpoint_is_detected(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupted"):
+        _fit(checkpoint_dir=tmp_path, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="loss became"):
+        _fit(ConstantLogits([float("nan")] * 4), checkpoint_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (TensorDataset(torch.randn(0, 3, 32, 32), torch.zeros(0).long()), "empty"),
+        (TensorDataset(torch.randint(0, 255, (8, 3, 32, 32)), torch.zeros(8).long()), "float tensors"),
+        (TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8)), "integer class ids"),
+        ([1, 2, 3], "image, label"),
+    ],
+)
+def test_bad_datasets(data, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        _fit(data=data)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="num_classes: given 10"):
+        _fit(num_classes=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        _fit(batch_size=0)
+    with pytest.raises(ValueError, match="resume"):
+        _fit(resume=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="checkpoint_dir"):
+        _fit(checkpoint_dir=blocker / "sub")
+
+
+def test_prediction_as_selector():
+    assert _fit(selector="prediction").config["training"]["selector"] == "prediction"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_gpu_with_mixed_precision():
+    explainer = _fit(device="cuda", epochs=2)
+    assert explainer.device.type == "cuda"
+    masks = explainer(PlantedPatterns(4, patch=12).images.cuda(), 0)
+    assert masks.is_cuda and torch.isfinite(masks).all()
