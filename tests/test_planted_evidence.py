@@ -43,13 +43,15 @@ def test_absent_class_gets_an_empty_mask(trained, data):
 
 def test_preserved_image_keeps_the_class_and_removed_image_loses_it(trained, data):
     test, classifier = data[1], PatternClassifier(patch=PATCH)
+
+    def prob(images):
+        return classifier(images).softmax(1).gather(1, test.labels.view(-1, 1)).mean().item()
+
     with torch.no_grad():
         masks = trained(test.images, test.labels)
-        blurred = torch.zeros_like(test.images)  # the images' mean colour as the alternative
-        kept = classifier(test.images * masks + blurred * (1 - masks)).argmax(1)
-        removed = classifier(test.images * (1 - masks) + blurred * masks).argmax(1)
-    assert (kept == test.labels).float().mean() >= 0.8
-    assert (removed == test.labels).float().mean() <= 0.5
+        original, kept, removed = prob(test.images), prob(test.images * masks), prob(test.images * (1 - masks))
+    # measured 2026-11-25: 0.998 -> kept 0.997, removed 0.33 (chance is 0.25)
+    assert original > 0.99 and kept > 0.9 and removed < 0.5
 
 
 def test_untrained_explainer_fails_the_same_check(data):

@@ -11,7 +11,8 @@ from conftest import SMALL, ConstantLogits, tiny_cnn
 
 
 def _fit(classifier=None, data=None, **kwargs):
-    kwargs = {**SMALL, "epochs": 1, "batch_size": 8, "progress": False, **kwargs}
+    # CPU unless a test asks: seeds give bit-identical runs only there
+    kwargs = {**SMALL, "epochs": 1, "batch_size": 8, "progress": False, "device": "cpu", **kwargs}
     data = PlantedPatterns(32, patch=12) if data is None else data
     return fit_explainer(classifier if classifier is not None else PatternClassifier(patch=12), data, **kwargs)
 
