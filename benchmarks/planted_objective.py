@@ -32,24 +32,30 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=4000, help="training images")
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per variant")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast there)")
+    parser.add_argument("--only", default=None, help="run only the variants whose name starts with this")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     train, test = PlantedPatterns(args.train, patch=12, seed=args.seed), PlantedPatterns(300, patch=12, seed=args.seed + 1)
     classifier = PatternClassifier(patch=12)
-    print(f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    print(f"machine: {platform.machine()} {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}; "
           f"{args.train} training images, {args.steps} steps of batch 64, 300 test images\n")
     print("| objective | hit rate (IoU > 0.5) | mean mask, true class | mean mask, absent class | train s |")
     print("| --- | --- | --- | --- | --- |")
     for name, (objective, extra) in VARIANTS.items():
+        if args.only and not name.startswith(args.only):
+            continue
         objective = SaliencyObjective.paper() if objective == "paper" else SaliencyObjective(**objective)
         start = time.time()
         explainer = fit_explainer(classifier, train, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
                                   epochs=100, max_steps=args.steps, objective=objective, seed=args.seed,
-                                  progress=False, **extra)
+                                  progress=False, device=args.device, **extra)
         seconds = time.time() - start
         with torch.no_grad():
-            masks = explainer(test.images, test.labels)
-            absent = explainer(test.images, (test.labels + 1) % 4)
+            images, labels = test.images.to(args.device), test.labels.to(args.device)
+            masks = explainer(images, labels).cpu()
+            absent = explainer(images, (labels + 1) % 4).cpu()
         hits = (box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item()
         print(f"| {name} | {hits:.2f} | {masks.mean().item():.3f} | {absent.mean().item():.3f} | {seconds:.0f} |")
 
