@@ -30,7 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
     exp.add_argument("--classifier", default="efficientnet_lite0", help="a name from load_classifier (default: %(default)s)")
     exp.add_argument("--class-id", type=int, default=None, help="class to explain (default: the classifier's top prediction)")
-    exp.add_argument("--explainer", default=None, help="folder of a trained explainer (from 'fit' or save_pretrained)")
+    exp.add_argument("--explainer", default=None,
+                     help="a trained explainer: a folder (from 'fit' or save_pretrained) or a Hub repo id")
     exp.add_argument("--method", choices=["auto", "explainer", "optimize"], default="auto",
                      help="auto: the explainer if given, else iterative optimisation (default: %(default)s)")
     exp.add_argument("--steps", type=int, default=300, help="optimisation steps when optimising (default: %(default)s)")
@@ -54,7 +55,44 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", type=Path, required=True, help="folder to save the trained explainer in")
+
+    push = sub.add_parser("push", help="upload a saved explainer folder to the Hugging Face Hub",
+                          description="Upload config.json, model.safetensors and a regenerated model card to a Hub "
+                          "repo (created if needed). Needs a token: --token, HF_TOKEN, or 'hf auth login'.")
+    push.add_argument("folder", type=Path, help="a folder written by 'fit' or save_pretrained")
+    push.add_argument("repo_id", help="owner/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+
+    pull = sub.add_parser("pull", help="download an explainer from the Hugging Face Hub and check it loads",
+                          description="Download an explainer into the Hub cache (or --out), load it to check it, "
+                          "and print where it is.")
+    pull.add_argument("repo_id", help="owner/name on the Hub")
+    pull.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    pull.add_argument("--out", type=Path, default=None, help="also save a copy into this folder")
     return parser
+
+
+def _push(args: argparse.Namespace) -> int:
+    from . import Explainer
+
+    url = Explainer.from_pretrained(args.folder).push_to_hub(args.repo_id, private=args.private or None, token=args.token)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import Explainer
+    from .hub import resolve_folder
+
+    folder = resolve_folder(args.repo_id, revision=args.revision)
+    explainer = Explainer.from_pretrained(folder)
+    print(f"{args.repo_id}: explains {explainer.config['classifier'].get('name', 'an unnamed classifier')} "
+          f"({explainer.num_classes} classes); files in {folder}")
+    if args.out:
+        explainer.save_pretrained(args.out, repo_id=args.repo_id)
+        print(f"saved a copy to {args.out}")
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -118,7 +156,12 @@ def _fit(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return _explain(args) if args.command == "explain" else _fit(args)
+    commands = {"explain": _explain, "fit": _fit, "push": _push, "pull": _pull}
+    try:
+        return commands[args.command](args)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"blackbox-saliency {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -114,10 +114,13 @@ class Explainer(nn.Module):
         out = self.masking_model(images.to(param.device, param.dtype), ids.to(param.device))
         return out.mask.to(images.device)
 
-    # ---- local files (the Hub builds on these) -------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``folder``."""
+    # ---- files and the Hub ----------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` into
+        ``folder`` (``repo_id`` goes into the card's usage example)."""
         from safetensors.torch import save_file
+
+        from .hub import CARD_NAME, model_card
 
         if self.config["encoder"].startswith("custom:"):
             raise ValueError(
@@ -129,47 +132,116 @@ class Explainer(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config, indent=2, sort_keys=True)))
+        _atomic_write(folder / CARD_NAME, lambda p: p.write_text(model_card(self.config, repo_id)))
         return folder
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Explainer":
-        """Build an (untrained) explainer from a config dict as written by :meth:`save_pretrained`."""
-        if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
-            raise ValueError(f"config: not a blackbox-saliency explainer config (format != {CONFIG_FORMAT!r})")
-        if config.get("version") != CONFIG_VERSION:
-            raise ValueError(f"config: unsupported version {config.get('version')!r}, expected {CONFIG_VERSION}")
+        """Build an (untrained) explainer from a config dict as written by :meth:`save_pretrained`,
+        after checking it against the schema."""
+        _validate_config(config)
         keys = ("num_classes", "encoder", "encoder_kwargs", "in_chans", "mask_reduction", "width_multiplier",
                 "num_bottlenecks", "freeze_encoder", "objective")
-        missing = [k for k in keys if k not in config]
-        if missing:
-            raise ValueError(f"config: missing key(s) {missing}")
-        if str(config["encoder"]).startswith("custom:"):
-            raise ValueError("config: the explainer was built on a hand-made encoder module and cannot be rebuilt")
-        kwargs = {k: config[k] for k in keys}
-        return cls(**kwargs, pretrained_encoder=False, classifier_info=config.get("classifier"))
+        explainer = cls(**{k: config[k] for k in keys}, pretrained_encoder=False, classifier_info=config.get("classifier"))
+        for key in ("training", "training_data", "evaluation"):
+            if key in config:
+                explainer.config[key] = config[key]
+        return explainer
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Explainer":
-        """Load an explainer saved with :meth:`save_pretrained` (safetensors only, strict)."""
+    def from_pretrained(
+        cls,
+        name_or_folder: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> "Explainer":
+        """Load an explainer from a folder or a Hugging Face Hub repo id (``"owner/name"``,
+        at ``revision``), as written by :meth:`save_pretrained`: safetensors only, config
+        checked before any model is built, weights loaded strictly.
+
+        Example:
+            >>> explainer = Explainer.from_pretrained("blackbox-saliency/explainer-efficientnet_lite0")  # doctest: +SKIP
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        folder = Path(folder)
+        from .hub import resolve_folder
+
+        folder = resolve_folder(name_or_folder, revision=revision, cache_dir=cache_dir, token=token)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"folder: {folder} has no {CONFIG_NAME}; is it an explainer folder?")
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"folder: {folder} has no {WEIGHTS_NAME} (only safetensors weights are loaded)")
         try:
             config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"folder: {config_path} is not valid JSON ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"name_or_folder: {config_path} is not valid JSON ({err})") from err
         explainer = cls.from_config(config)
-        state = load_file(str(weights_path), device=str(map_location))
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"name_or_folder: {weights_path} is not a readable safetensors file ({err})") from err
         try:
             explainer.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"folder: weights in {weights_path} do not match its config: {err}") from err
+            raise ValueError(f"name_or_folder: weights in {weights_path} do not match its config: {err}") from err
         return explainer.eval()
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload blackbox-saliency explainer") -> str:
+        """Upload config, weights and model card to the Hub repo ``repo_id`` (created if needed)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+_SCHEMA: dict[str, tuple[type, ...]] = {
+    "num_classes": (int,),
+    "encoder": (str,),
+    "encoder_kwargs": (dict,),
+    "in_chans": (int,),
+    "mask_reduction": (int,),
+    "width_multiplier": (int, float),
+    "num_bottlenecks": (int,),
+    "freeze_encoder": (bool,),
+    "objective": (dict,),
+}
+
+
+_SMALL_OPTIONS = {"widths", "layers_per_block"}
+_TIMM_OPTIONS = {"out_indices", "output_stride"}
+
+
+def _validate_config(config: object) -> None:
+    """Refuse a config that is not ours, or not well formed, before building anything."""
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        raise ValueError(f"config: not a blackbox-saliency explainer config (format != {CONFIG_FORMAT!r})")
+    if config.get("version") != CONFIG_VERSION:
+        raise ValueError(f"config: unsupported version {config.get('version')!r}, expected {CONFIG_VERSION}")
+    missing = [k for k in _SCHEMA if k not in config]
+    if missing:
+        raise ValueError(f"config: missing key(s) {missing}")
+    for key, types in _SCHEMA.items():
+        value = config[key]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise ValueError(f"config: {key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if config["num_classes"] < 2 or config["in_chans"] < 1 or config["mask_reduction"] < 1 or config["num_bottlenecks"] < 0:
+        raise ValueError("config: num_classes, in_chans, mask_reduction or num_bottlenecks out of range")
+    if config["encoder"].startswith("custom:"):
+        raise ValueError("config: the explainer was built on a hand-made encoder module and cannot be rebuilt")
+    if config["encoder"] != "small":
+        import timm
+
+        if not timm.is_model(config["encoder"]):
+            raise ValueError(f"config: unknown encoder architecture {config['encoder']!r}")
+    allowed = _SMALL_OPTIONS if config["encoder"] == "small" else _TIMM_OPTIONS
+    unknown = sorted(set(config["encoder_kwargs"]) - allowed)
+    if unknown:  # e.g. timm's checkpoint_path would load a file named by a stranger's config
+        raise ValueError(f"config: encoder_kwargs {unknown} are not allowed; allowed: {sorted(allowed)}")
+    if not isinstance(config.get("classifier", {}), dict):
+        raise ValueError("config: classifier must be an object")
+    from .objective import SaliencyObjective
+
+    SaliencyObjective.from_dict(config["objective"])
 
 
 def _atomic_write(path: Path, write) -> None:

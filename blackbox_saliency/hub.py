@@ -1,0 +1,167 @@
+"""Explainers on the Hugging Face Hub: save, load, push, and a generated model card.
+
+Files follow the Hub's conventions: ``config.json`` (plain JSON that rebuilds the model),
+``model.safetensors`` (weights, loaded strictly), ``README.md`` (the model card). Pickle
+checkpoints are never loaded: they can run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import HfApi, ModelCardData, snapshot_download
+
+if TYPE_CHECKING:
+    from .explainer import Explainer
+
+__all__ = ["model_card", "resolve_folder", "push_to_hub", "load_explainer", "KNOWN_EXPLAINERS", "pretrained_for"]
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+HUB_FILES = ["config.json", "model.safetensors", CARD_NAME]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: Where this project's own published explainers live in a source checkout.
+HUB_FOLDER = Path(__file__).resolve().parent.parent / "hub"
+
+#: timm architecture name -> this project's pretrained explainer for that classifier.
+KNOWN_EXPLAINERS: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0": {"repo_id": "blackbox-saliency/explainer-efficientnet_lite0", "folder": "explainer-efficientnet_lite0"},
+}
+
+CITATION = """@inproceedings{dabkowski2017real,
+  title={Real Time Image Saliency for Black Box Classifiers},
+  author={Dabkowski, Piotr and Gal, Yarin},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2017}
+}"""
+
+
+def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """The model card (README.md) for an explainer config: what it explains, how it was
+    trained, how well it does (``config["evaluation"]``, markdown, when present), usage."""
+    classifier = config.get("classifier") or {}
+    training = config.get("training") or {}
+    name = classifier.get("name", "an unnamed classifier")
+    data = ModelCardData(
+        library_name="blackbox-saliency",
+        license="mit",
+        tags=["saliency", "explainability", "interpretability", "image-classification", "pytorch", "blackbox-saliency"],
+        pipeline_tag="image-segmentation",
+    )
+    load = repo_id or "path/to/this/folder"
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# Saliency explainer for `{name}`", "",
+        "A masking model (Dabkowski & Gal, 2017) that outputs, in one forward pass, the smallest smooth mask "
+        f"that keeps the class recognisable to `{name}` and whose removal destroys it.", "",
+        f"**It explains `{name}` and nothing else**: masks say what that classifier needs, so an explainer is "
+        "valid only for the classifier (and preprocessing) it was trained against.", "",
+        "## The classifier", "",
+        f"- name: `{name}`",
+        f"- input size: {classifier.get('input_size', 'not recorded')}",
+        f"- normalisation: mean {classifier.get('mean', 'not recorded')}, std {classifier.get('std', 'not recorded')}",
+        f"- classes: {config.get('num_classes')}", "",
+        "## The explainer", "",
+        f"- encoder: `{config.get('encoder')}` {json.dumps(config.get('encoder_kwargs') or {})}, "
+        f"{'frozen' if config.get('freeze_encoder') else 'trained'}",
+        f"- mask at 1/{config.get('mask_reduction')} of the input resolution, upsampled bilinearly",
+        f"- objective: `{json.dumps(config.get('objective') or {}, sort_keys=True)}`",
+        f"- training: `{json.dumps(training, sort_keys=True)}`" if training else "- training: not recorded",
+        f"- training data: {config.get('training_data', 'not recorded')}", "",
+        "## Evaluation", "",
+        config.get("evaluation") or "No evaluation recorded for this explainer.", "",
+        "## Usage", "",
+        "```python",
+        "from blackbox_saliency import Explainer, explain",
+        "",
+        f'explainer = Explainer.from_pretrained("{load}")',
+        "masks = explain(classifier, images, class_ids, explainer=explainer)  # (N, 1, H, W) in [0, 1]",
+        "```", "",
+        "## Limitations", "",
+        "- Masks show what the classifier uses, which need not be what a person would point at.",
+        "- The mask has a quarter of the input resolution; thin structures are smoothed.",
+        "- Inputs must be preprocessed exactly as for the classifier (size and normalisation above).", "",
+        "## Citation", "", "```bibtex", CITATION, "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _check_folder(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder: {folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"folder: {folder} has no config.json; is it an explainer folder?")
+    if not (folder / "model.safetensors").is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"folder: {folder} has only pickle checkpoint(s) {pickles}; they are refused because loading a "
+                "pickle can run arbitrary code. Save weights as model.safetensors (Explainer.save_pretrained)"
+            )
+        raise FileNotFoundError(f"folder: {folder} has no model.safetensors (only safetensors weights are loaded)")
+    return folder
+
+
+def resolve_folder(name_or_folder: str | os.PathLike, revision: str | None = None,
+                   cache_dir: str | os.PathLike | None = None, token: str | None = None) -> Path:
+    """A local folder holding the explainer's files: the path itself when it is a folder,
+    else the Hub snapshot of that repo id (downloaded, or from the cache when offline)."""
+    path = Path(name_or_folder)
+    if path.is_dir():
+        return _check_folder(path)
+    name = str(name_or_folder)
+    if name.count("/") > 1 or name.startswith((".", "/")) or path.suffix:
+        raise FileNotFoundError(f"name_or_folder: {name} is neither a folder nor a Hub repo id")
+    try:
+        local = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=HUB_FILES)
+    except Exception as err:  # offline and not cached, no such repo, no such revision...
+        raise FileNotFoundError(
+            f"name_or_folder: could not get Hub repo {name!r} (revision {revision or 'main'}): {err}"
+        ) from err
+    return _check_folder(Path(local))
+
+
+def load_explainer(name_or_folder: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> "Explainer":
+    """:meth:`Explainer.from_pretrained`, as a function."""
+    from .explainer import Explainer
+
+    return Explainer.from_pretrained(name_or_folder, revision=revision, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_explainer(name_or_folder: str, revision: str | None = None) -> "Explainer":
+    """Explainers loaded by name, kept for the life of the process."""
+    return load_explainer(name_or_folder, revision=revision)
+
+
+def push_to_hub(explainer: "Explainer", repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload blackbox-saliency explainer") -> str:
+    """Create the repo if needed and upload ``config.json``, ``model.safetensors`` and the
+    model card in one commit. Returns the commit URL."""
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"repo_id: expected 'owner/name', got {repo_id!r}")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        explainer.save_pretrained(tmp, repo_id=repo_id)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, repo_type="model")
+    return str(getattr(commit, "commit_url", commit))
+
+
+def pretrained_for(classifier: object) -> str | None:
+    """This project's explainer for a timm classifier, if there is one: the folder under
+    ``hub/`` in a source checkout, else its Hub repo id. ``None`` when the architecture has no
+    known explainer."""
+    cfg = getattr(classifier, "pretrained_cfg", None) or getattr(classifier, "default_cfg", None) or {}
+    entry = KNOWN_EXPLAINERS.get(cfg.get("architecture", ""))
+    if entry is None:
+        return None
+    folder = HUB_FOLDER / entry["folder"]
+    return str(folder) if (folder / "model.safetensors").is_file() else entry["repo_id"]
