@@ -79,28 +79,16 @@ class PatternClassifier(nn.Module):
         return self.scale * response.flatten(2).amax(2)
 
 
+
 def mask_boxes(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Tightest box ``x0, y0, x1, y1`` (inclusive pixels) around ``masks > threshold``, ``(N, 4)``;
-    an empty mask gives the whole image."""
-    above = masks[:, 0] > threshold
-    n, height, width = above.shape
-    rows, cols = above.any(2), above.any(1)
-    idx_y, idx_x = torch.arange(height), torch.arange(width)
-    big = torch.tensor(10**9)
-    y0 = torch.where(rows, idx_y, big).amin(1)
-    y1 = torch.where(rows, idx_y, -1).amax(1)
-    x0 = torch.where(cols, idx_x, big).amin(1)
-    x1 = torch.where(cols, idx_x, -1).amax(1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=1)
-    empty = ~above.flatten(1).any(1)
-    boxes[empty] = torch.tensor([0, 0, width - 1, height - 1])
-    return boxes
+    """:func:`blackbox_saliency.metrics.tightest_box`."""
+    from .metrics import tightest_box
+
+    return tightest_box(masks, threshold)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of matching rows of two ``(N, 4)`` inclusive-pixel box tensors."""
-    x0, y0 = torch.maximum(a[:, 0], b[:, 0]), torch.maximum(a[:, 1], b[:, 1])
-    x1, y1 = torch.minimum(a[:, 2], b[:, 2]), torch.minimum(a[:, 3], b[:, 3])
-    inter = (x1 - x0 + 1).clamp(min=0) * (y1 - y0 + 1).clamp(min=0)
-    area = lambda box: (box[:, 2] - box[:, 0] + 1) * (box[:, 3] - box[:, 1] + 1)  # noqa: E731
-    return inter.float() / (area(a) + area(b) - inter).float()
+    from .metrics import box_iou as pairwise
+
+    return pairwise(a, b).diagonal()
