@@ -1,0 +1,228 @@
+"""Train this project's CIFAR-10 classifier and its explainers (the paper's section 5.2).
+
+    # on a GPU machine, from the repository root (about 8 minutes on one H100):
+    python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out hub
+    python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out hub --variant default
+
+``classifier`` trains a ResNet-9-style network on all 50,000 training images (data kept on the
+GPU, bf16, SGD with a one-cycle schedule) and writes ``OUT/classifier-cifar10``: fp16
+safetensors weights, config and log, with its accuracy on the 10,000 test images.
+
+``explainer`` trains an explainer with ``encoder="small"`` (random init, 3 blocks of 5 convs) on
+the first 45,000 training images and scores it on the last 5,000, which it never saw, with the
+saliency metric and mask areas: model selection uses those, never the test set. It writes
+``OUT/explainer-cifar10-<variant>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from blackbox_saliency import SaliencyObjective, fit_explainer
+from blackbox_saliency.classifiers import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CifarResNet
+from blackbox_saliency.metrics import saliency_metric
+
+VARIANTS = {
+    "default": {},
+    "area4": {"area_weight": 4.0},
+    "area2": {"area_weight": 2.0},
+}
+EXPLAINER_WIDTHS = [32, 64, 128]
+
+
+def _decode(item: tuple[str, bytes]) -> tuple[str, np.ndarray]:
+    return item[0], np.asarray(Image.open(io.BytesIO(item[1])).convert("RGB"))
+
+
+def load_pack(pack: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """All of CIFAR-10 as uint8 ``(N, 3, 32, 32)`` and labels, class index = sorted folder name."""
+    raw = {"train": [], "test": []}
+    with tarfile.open(pack) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 4 and parts[1] in raw:
+                raw[parts[1]].append((member.name, tar.extractfile(member).read()))
+    out = {}
+    with ProcessPoolExecutor() as pool:
+        for split, items in raw.items():
+            items.sort()
+            decoded = list(pool.map(_decode, items, chunksize=512))
+            images = torch.from_numpy(np.stack([a for _, a in decoded])).permute(0, 3, 1, 2).contiguous()
+            labels = torch.tensor([CIFAR10_CLASSES.index(name.split("/")[2]) for name, _ in decoded])
+            out[split] = (images, labels)
+    return out
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random crop with 4 px reflect padding and horizontal flip, on the GPU."""
+    n = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (2, n), device=x.device)
+    rows = (dy.view(n, 1) + torch.arange(32, device=x.device)).view(n, 1, 32, 1).expand(n, 3, 32, 40)
+    x = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(32, device=x.device)).view(n, 1, 1, 32).expand(n, 3, 32, 32)
+    x = x.gather(3, cols)
+    flip = torch.rand(n, 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)
+
+
+def accuracy(model, images, labels, device) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+        for i in range(0, len(images), 1000):
+            x = normalise(images[i : i + 1000].to(device))
+            correct += (model(x).argmax(1).cpu() == labels[i : i + 1000]).sum().item()
+    return correct / len(images)
+
+
+def train_classifier(data, out: Path, epochs: int, device: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    x_train, y_train = data["train"][0].to(device), data["train"][1].to(device)
+    model = CifarResNet().to(device).to(memory_format=torch.channels_last)
+    batch = 512
+    steps = epochs * (len(x_train) // batch)
+    decay, no_decay = [p for p in model.parameters() if p.dim() > 1], [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
+                                lr=0.2, momentum=0.9, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=steps, pct_start=0.25)
+    log, start = [], time.time()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train), device=device)
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i : i + batch]
+            x = augment(normalise(x_train[idx])).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+                loss = F.cross_entropy(model(x).float(), y_train[idx], label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        line = f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f} time {time.time() - start:.0f}s"
+        if epoch + 1 == epochs or (epoch + 1) % 5 == 0:
+            line += f" test accuracy {accuracy(model, *data['test'], device):.4f}"
+        print(line, flush=True)
+        log.append(line)
+    test_accuracy = accuracy(model, *data["test"], device)
+    folder = out / "classifier-cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {k: (v.half() if v.is_floating_point() else v).cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    # the accuracy of the weights as stored (fp16), not of the fp32 ones in memory
+    stored = CifarResNet().to(device)
+    stored.load_state_dict(state)
+    stored_accuracy = accuracy(stored, *data["test"], device)
+    config = {"architecture": "CifarResNet", "num_classes": 10, "width": 64, "mean": list(CIFAR10_MEAN),
+              "std": list(CIFAR10_STD), "classes": CIFAR10_CLASSES, "input_size": [3, 32, 32],
+              "test_accuracy": stored_accuracy, "test_accuracy_fp32": test_accuracy,
+              "training": {"epochs": epochs, "batch_size": batch, "optimizer": "SGD nesterov 0.9, wd 5e-4",
+                           "schedule": "one-cycle, max lr 0.2", "label_smoothing": 0.1, "seed": seed,
+                           "augment": "random crop (pad 4, reflect) + flip", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "train.log").write_text("\n".join(log) + "\n")
+    print(f"classifier: test accuracy {stored_accuracy:.4f} (fp16 weights), {test_accuracy:.4f} (fp32)", flush=True)
+
+
+def evaluate_explainer(explainer, classifier, images, labels, device) -> dict[str, float]:
+    """Scores on held-out images: saliency metric (true class), mask areas, and the class
+    probability on the preserved and the removed image (blurred alternative)."""
+    from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
+
+    results = {"saliency_metric": [], "area_true": [], "area_absent": [], "p_original": [], "p_preserved": [], "p_removed": []}
+    with torch.no_grad():
+        for i in range(0, len(images), 500):
+            x, y = normalise(images[i : i + 500].to(device)), labels[i : i + 500].to(device)
+            masks = explainer(x, y)
+            absent = explainer(x, (y + torch.randint(1, 10, y.shape, device=device)) % 10)
+            blurred = gaussian_blur(x, blur_sigma_for(32, 32))
+            prob = lambda z: classifier(z).float().softmax(1).gather(1, y[:, None]).squeeze(1)  # noqa: E731
+            results["saliency_metric"].append(saliency_metric(classifier, x, masks, y))
+            results["area_true"].append(masks.mean(dim=(1, 2, 3)))
+            results["area_absent"].append(absent.mean(dim=(1, 2, 3)))
+            results["p_original"].append(prob(x))
+            results["p_preserved"].append(prob(x * masks + blurred * (1 - masks)))
+            results["p_removed"].append(prob(x * (1 - masks) + blurred * masks))
+    return {k: torch.cat(v).mean().item() for k, v in results.items()}
+
+
+def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
+                    max_steps: int | None) -> None:
+    from blackbox_saliency.classifiers import _load_cifar10
+    from blackbox_saliency import hub
+
+    hub.HUB_FOLDER = out  # read the classifier just trained
+    classifier, _ = _load_cifar10()
+    classifier.to(device)
+    images, labels = data["train"]
+    split = len(images) * 9 // 10  # 45,000 of 50,000
+    train_set = TensorDataset(normalise(images[:split]), labels[:split])
+    objective = SaliencyObjective(**VARIANTS[variant])
+    start = time.time()
+    explainer = fit_explainer(
+        classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
+        batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
+        checkpoint_dir=out / f".checkpoints-{variant}", progress=False,
+        classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
+                         "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
+                         "class_names": CIFAR10_CLASSES},
+    )
+    seconds = time.time() - start
+    scores = evaluate_explainer(explainer, classifier, images[split:], labels[split:], device)
+    explainer.config["training_data"] = "CIFAR-10 training images 0-44,999 (JPEG copy), random flips"
+    explainer.config["training"]["seconds"] = round(seconds)
+    explainer.config["training"]["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    folder = out / f"explainer-cifar10-{variant}"
+    explainer.save_pretrained(folder)
+    (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(),
+                                                     "heldout_images": "CIFAR-10 training images 45,000-49,999",
+                                                     **scores}, indent=2))
+    print(f"explainer {variant}: {seconds:.0f}s, held-out {json.dumps(scores)}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["classifier", "explainer"])
+    parser.add_argument("--pack", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("hub"))
+    parser.add_argument("--epochs", type=int, default=None, help="default: 30 (classifier), 20 (explainer)")
+    parser.add_argument("--batch-size", type=int, default=64, help="explainer batch size")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    parser.add_argument("--max-steps", type=int, default=None, help="explainer: stop early (smoke tests)")
+    parser.add_argument("--limit", type=int, default=None, help="use only this many images per split (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = load_pack(args.pack)
+    if args.limit:
+        data = {k: (v[0][: args.limit], v[1][: args.limit]) for k, v in data.items()}
+    if args.stage == "classifier":
+        train_classifier(data, args.out, args.epochs or 30, device, args.seed)
+    else:
+        train_explainer(data, args.out, args.variant, args.epochs or 20, args.batch_size, device, args.seed, args.max_steps)
+
+
+if __name__ == "__main__":
+    main()
