@@ -1,0 +1,161 @@
+"""Readers for the evaluation data packs (CIFAR-10, Tiny ImageNet with boxes, ImageNet samples).
+
+These serve the benchmarks and tests; with your own data keep using torchvision or timm
+loaders. A pack is a ``.tar.gz``; :func:`extract_pack` unpacks it once into a cache folder.
+Boxes are ``x0, y0, x1, y1`` inclusive pixels of the image as stored; :func:`scale_boxes` maps
+them through a resize.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["extract_pack", "cifar10", "TinyImageNet", "ImageNetSamples", "imagenet_wnid_to_index", "scale_boxes"]
+
+DEFAULT_CACHE = Path(os.environ.get("BLACKBOX_SALIENCY_CACHE", Path.home() / ".cache" / "blackbox-saliency"))
+
+
+def extract_pack(pack: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Unpack ``pack`` into ``cache_dir/<pack name>`` once (a marker file records completion,
+    so an interrupted extraction is redone) and return that folder."""
+    pack = Path(pack)
+    if not pack.is_file():
+        raise FileNotFoundError(f"pack: {pack} does not exist")
+    target = Path(cache_dir or DEFAULT_CACHE) / pack.name.replace(".tar.gz", "").replace(".tgz", "")
+    marker = target / ".extracted"
+    if not marker.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(pack) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
+            for m in members:  # never write outside the target folder
+                if m.name.startswith(("/", "..")) or ".." in Path(m.name).parts:
+                    raise ValueError(f"pack: {pack} has an unsafe path {m.name!r}")
+            tar.extractall(target, members=members)
+        marker.write_text("ok\n")
+    return target
+
+
+def imagenet_wnid_to_index() -> dict[str, int]:
+    """WordNet id -> ImageNet-1k class index, in the order timm and torchvision models use."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return {info.index_to_label_name(i): i for i in range(1000)}
+
+
+def scale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
+    """Map inclusive pixel boxes from an image of ``from_size = (H, W)`` to a resized one."""
+    sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    boxes = boxes.float()
+    out = torch.stack([boxes[:, 0] * sx, boxes[:, 1] * sy, (boxes[:, 2] + 1) * sx - 1, (boxes[:, 3] + 1) * sy - 1], 1)
+    return out.round().long().clamp(min=0)
+
+
+def cifar10(root_or_pack: str | os.PathLike, split: str = "test", transform: Callable | None = None,
+            cache_dir: str | os.PathLike | None = None):
+    """CIFAR-10 as a torchvision ``ImageFolder`` (class index = sorted folder name, which is
+    CIFAR-10's own order), from the pack or an extracted folder."""
+    from torchvision.datasets import ImageFolder
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    root = Path(root_or_pack)
+    if root.is_file():
+        root = extract_pack(root, cache_dir)
+    return ImageFolder(str(root / "cifar10" / split), transform=transform)
+
+
+class TinyImageNet(Dataset):
+    """Tiny ImageNet 200 (64 px) with its ground-truth boxes.
+
+    Items are ``(image, label)`` with the label as an ImageNet-1k index (``label_space=
+    "imagenet1k"``, for ImageNet classifiers) or the index among the 200 classes (``"tiny"``).
+    ``boxes(i)`` gives that image's boxes ``(k, 4)`` in the stored 64 px image.
+
+    Args:
+        roots: extracted pack folders or pack files (several train packs may be combined).
+        split: ``"val"`` or ``"train"``.
+    """
+
+    def __init__(self, roots: str | os.PathLike | Sequence[str | os.PathLike], split: str = "val",
+                 transform: Callable | None = None, label_space: str = "imagenet1k",
+                 cache_dir: str | os.PathLike | None = None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+        if label_space not in ("imagenet1k", "tiny"):
+            raise ValueError(f"label_space: expected 'imagenet1k' or 'tiny', got {label_space!r}")
+        roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+        folders = [extract_pack(r, cache_dir) if Path(r).is_file() else Path(r) for r in roots]
+        self.transform = transform
+        self.items: list[tuple[Path, str, torch.Tensor]] = []
+        for folder in folders:
+            base = folder / "tiny-imagenet-200"
+            if split == "val":
+                annotations = base / "val" / "val_annotations.txt"
+                for line in annotations.read_text().splitlines():
+                    name, wnid, *box = line.split()
+                    path = base / "val" / "images" / name
+                    if path.exists():
+                        self.items.append((path, wnid, torch.tensor([[int(v) for v in box]])))
+            else:
+                for class_dir in sorted(p for p in (base / "train").iterdir() if p.is_dir()):
+                    wnid = class_dir.name
+                    boxes_file = class_dir / f"{wnid}_boxes.txt"
+                    boxes = {}
+                    if boxes_file.exists():
+                        for line in boxes_file.read_text().splitlines():
+                            name, *box = line.split()
+                            boxes[name] = torch.tensor([[int(v) for v in box]])
+                    for path in sorted((class_dir / "images").glob("*.JPEG")):
+                        self.items.append((path, wnid, boxes.get(path.name, torch.zeros(0, 4, dtype=torch.long))))
+        if not self.items:
+            raise FileNotFoundError(f"roots: no Tiny ImageNet {split} images found in {[str(f) for f in folders]}")
+        wnids = sorted({wnid for _, wnid, _ in self.items})
+        self.tiny_classes = wnids
+        mapping = imagenet_wnid_to_index() if label_space == "imagenet1k" else {w: i for i, w in enumerate(wnids)}
+        self.labels = [mapping[wnid] for _, wnid, _ in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, _, _ = self.items[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index]
+
+    def boxes(self, index: int) -> torch.Tensor:
+        return self.items[index][2].clone()
+
+
+class ImageNetSamples(Dataset):
+    """The ImageNet sample images (``<wnid>_<name>.JPEG``, short side 256), labelled with
+    their ImageNet-1k index."""
+
+    def __init__(self, root_or_pack: str | os.PathLike, transform: Callable | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        root = Path(root_or_pack)
+        if root.is_file():
+            root = extract_pack(root, cache_dir)
+        files = sorted(root.rglob("*.JPEG"))
+        if not files:
+            raise FileNotFoundError(f"root_or_pack: no .JPEG images in {root}")
+        mapping = imagenet_wnid_to_index()
+        self.files = files
+        self.labels = [mapping[f.name.split("_")[0]] for f in files]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        with Image.open(self.files[index]) as image:
+            image = image.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index]
