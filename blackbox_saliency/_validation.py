@@ -76,7 +76,27 @@ def check_classifier(classifier: object) -> Callable[[torch.Tensor], torch.Tenso
     return classifier  # type: ignore[return-value]
 
 
-def num_classes_of(classifier: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> int:
-    """The classifier's class count ``K``, from one forward pass on ``images[:1]``."""
-    with torch.no_grad():
-        return check_logits(classifier(images[:1]), 1).shape[1]
+def probe_classifier(classifier: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                     need_gradient: bool = False) -> int:
+    """Run the classifier once on ``image`` (``(1, C, H, W)``) and return its class count ``K``.
+
+    Errors from inside the classifier (a dtype, device or size it cannot take) are re-raised
+    naming the argument; with ``need_gradient`` the logits must depend differentiably on the
+    input, since both training and the iterative method follow that gradient.
+    """
+    x = image.detach().clone().requires_grad_(need_gradient)
+    try:
+        with torch.set_grad_enabled(need_gradient):
+            logits = classifier(x)
+    except Exception as err:  # anything the model raises: say which input it was
+        raise ValueError(
+            f"classifier: failed on an input of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device} "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    logits = check_logits(logits, 1)
+    if need_gradient and not logits.requires_grad:
+        raise TypeError(
+            "classifier: its logits do not depend differentiably on the input (no gradient); the method needs a "
+            "differentiable classifier (no torch.no_grad, argmax or numpy inside its forward)"
+        )
+    return logits.shape[1]

@@ -10,8 +10,8 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ._classifier import device_of
-from ._validation import ClassIds, check_class_ids, check_classifier, check_images, check_logits
+from ._classifier import device_of, frozen
+from ._validation import ClassIds, check_class_ids, check_classifier, check_images, probe_classifier
 from .explainer import Explainer
 from .hub import cached_explainer, pretrained_for
 from .optimize import optimize_masks
@@ -39,8 +39,7 @@ def _check_pair(classifier: Callable[[torch.Tensor], torch.Tensor], explainer: E
             return
     except TypeError:  # not weak-referenceable: check every time
         pass
-    with torch.no_grad():
-        k = check_logits(classifier(images[:1].to(device_of(classifier, images.device))), 1).shape[1]
+    k = probe_classifier(classifier, images[:1].to(device_of(classifier, images.device)))
     if k != explainer.num_classes:
         raise ValueError(f"explainer: it explains a classifier of {explainer.num_classes} classes, this one returns {k} logits")
     try:
@@ -116,9 +115,9 @@ def explain(
             stacklevel=2,
         )
     device = device_of(classifier, images.device)
-    with torch.no_grad():
-        logits = check_logits(classifier(images[:1].to(device)), 1)
-    ids = check_class_ids(class_ids, images.shape[0], logits.shape[1])
+    with frozen(classifier):
+        k = probe_classifier(classifier, images[:1].to(device), need_gradient=True)
+    ids = check_class_ids(class_ids, images.shape[0], k)
     chunks = []
     for i in range(0, images.shape[0], batch_size):
         logger.debug("optimising masks for images %d-%d", i, min(i + batch_size, images.shape[0]))

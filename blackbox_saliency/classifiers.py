@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["load_classifier", "available_classifiers", "imagenet_class_names"]
+__all__ = ["load_classifier", "available_classifiers", "imagenet_class_names", "CifarResNet"]
 
 
 def _preprocess(size: int, crop_pct: float, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Any], torch.Tensor]:
@@ -53,8 +53,75 @@ def _load_efficientnet_lite0() -> tuple[nn.Module, Callable[[Any], torch.Tensor]
     return model.eval(), _preprocess(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class CifarResNet(nn.Module):
+    """A ResNet-9-style CIFAR-10 classifier (the fast DAWNBench design): 8 conv layers with two
+    residual blocks, 32 px input, logits for 10 classes."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(3, w),
+            _conv_bn(w, 2 * w), nn.MaxPool2d(2), _Residual(2 * w),
+            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), _Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(8 * w, num_classes, bias=False)
+        self.scale = 0.125  # keeps early logits small; part of the architecture, not a setting
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)) * self.scale
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+    """This project's CIFAR-10 classifier, from ``hub/classifier-cifar10`` in a checkout or from
+    the Hub repo ``blackbox-saliency/classifier-cifar10``."""
+    import json
+
+    from safetensors.torch import load_file
+    from torchvision import transforms
+
+    from .hub import HUB_FOLDER, resolve_weights_folder
+
+    folder = resolve_weights_folder(HUB_FOLDER / "classifier-cifar10", "blackbox-saliency/classifier-cifar10")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architecture") != "CifarResNet":
+        raise ValueError(f"classifier-cifar10: unexpected architecture {config.get('architecture')!r}")
+    model = CifarResNet(num_classes=int(config["num_classes"]), width=int(config["width"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    model.pretrained_cfg = {"architecture": "cifar10_resnet9", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
+                            "num_classes": 10, "input_size": (3, 32, 32)}
+    preprocess = transforms.Compose([
+        transforms.Lambda(lambda image: image.convert("RGB")),
+        transforms.Resize((32, 32)),
+        transforms.ToTensor(),
+        transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+    ])
+    return model.eval(), preprocess
+
+
 _REGISTRY: dict[str, Callable[[], tuple[nn.Module, Callable[[Any], torch.Tensor]]]] = {
     "efficientnet_lite0": _load_efficientnet_lite0,
+    "cifar10": _load_cifar10,
 }
 
 

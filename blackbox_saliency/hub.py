@@ -128,6 +128,17 @@ def resolve_folder(name_or_folder: str | os.PathLike, revision: str | None = Non
     return _check_folder(Path(local))
 
 
+def resolve_weights_folder(local: Path, repo_id: str) -> Path:
+    """A folder with ``config.json`` and ``model.safetensors``: ``local`` when it has them (a
+    source checkout), else the Hub snapshot of ``repo_id``."""
+    if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
+        return local
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as err:
+        raise FileNotFoundError(f"no local {local} and could not get Hub repo {repo_id!r}: {err}") from err
+
+
 def load_explainer(name_or_folder: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> "Explainer":
     """:meth:`Explainer.from_pretrained`, as a function."""
     from .explainer import Explainer

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._classifier import device_of, frozen
-from ._validation import check_classifier, check_logits
+from ._validation import check_classifier, probe_classifier
 from .explainer import Explainer, _atomic_write
 from .objective import SaliencyObjective
 
@@ -27,6 +27,7 @@ __all__ = ["fit_explainer", "CHECKPOINT_NAME"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
+_SYNC_EVERY = 20  # steps between reading losses back from the device
 
 
 @dataclass
@@ -207,8 +208,7 @@ def fit_explainer(
         classifier.to(device)
     try:
         with frozen(classifier):
-            with torch.no_grad():
-                k = check_logits(classifier(image0.unsqueeze(0).to(device)), 1).shape[1]
+            k = probe_classifier(classifier, image0.unsqueeze(0).to(device), need_gradient=True)
             if num_classes is None:
                 num_classes = k
             elif num_classes != k:
@@ -249,9 +249,11 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     start_epoch, start_batch, step = 0, 0, 0
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = _load_checkpoint(checkpoint_path, device)
-        if json.loads(state["settings"]) != settings.to_dict() or json.loads(state["config"]) != json.loads(
-            json.dumps(explainer.config, sort_keys=True)
-        ):
+        # epochs may grow (training extended); everything else must match
+        saved_settings = {k: v for k, v in json.loads(state["settings"]).items() if k != "epochs"}
+        current = {k: v for k, v in settings.to_dict().items() if k != "epochs"}
+        strip = lambda c: {k: v for k, v in c.items() if k != "training"}  # noqa: E731
+        if saved_settings != current or strip(json.loads(state["config"])) != strip(json.loads(json.dumps(explainer.config))):
             raise ValueError(f"resume: {checkpoint_path} was written by a run with other settings or architecture")
         explainer.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -271,8 +273,26 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit_explainer", unit="step")
     position, saved = (start_epoch, start_batch), (start_epoch, start_batch)
 
+    pending: list[dict[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        """Sync with the device only here: check the losses since the last flush are finite
+        and fold them into the running averages shown by the progress bar."""
+        for i, terms in enumerate(pending):
+            values = {name: float(value) for name, value in terms.items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(
+                    f"fit_explainer: the loss became {values['loss']} at step {step - len(pending) + i + 1}; the last "
+                    "good checkpoint is kept. Try a lower lr or check the classifier's outputs."
+                )
+            for name, value in values.items():
+                running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
+        pending.clear()
+        bar.set_postfix({n: f"{v:.3g}" for n, v in running.items()}, refresh=False)
+
     def save() -> None:
         nonlocal saved
+        flush()  # never checkpoint weights that a non-finite loss has touched
         if checkpoint_path is not None and saved != position:
             _save_checkpoint(checkpoint_path, explainer, optimizer, settings, *position, step, device)
             saved = position
@@ -294,24 +314,20 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 labels = torch.as_tensor(labels).to(device).long()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss, terms = _batch_loss(classifier, explainer, objective, images, labels, k, settings)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"fit_explainer: the loss became {loss.item()} at step {step}; the last good checkpoint "
-                        "is kept. Try a lower lr or check the classifier's outputs."
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 position = (epoch + 1, 0) if b + 1 == len(batches) else (epoch, b + 1)
-                for name, value in terms.items():  # running averages for the progress bar
-                    running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
-                bar.set_postfix({n: f"{v:.3g}" for n, v in running.items()}, refresh=False)
+                pending.append(terms)
+                if len(pending) >= _SYNC_EVERY:
+                    flush()
                 bar.update(1)
                 if checkpoint_every and step % checkpoint_every == 0:
                     save()
                 if step >= total:
                     break
+            flush()
             logger.info("epoch %d/%d: %s", epoch + 1, settings.epochs,
                         ", ".join(f"{n}={v:.4g}" for n, v in running.items()))
             save()
@@ -321,7 +337,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
 
 
 def _batch_loss(classifier, explainer: Explainer, objective: SaliencyObjective, images: torch.Tensor,
-                labels: torch.Tensor, k: int, settings: _Settings) -> tuple[torch.Tensor, dict[str, float]]:
+                labels: torch.Tensor, k: int, settings: _Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     n = images.shape[0]
     if settings.augment:
         flip = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
@@ -337,16 +353,16 @@ def _batch_loss(classifier, explainer: Explainer, objective: SaliencyObjective, 
     terms = objective.regulariser_terms(out.low_res_mask)
     real = ~fake
     per_image = objective.area_weight * terms["area"] + objective.tv_weight * terms["tv"] * real
-    logged = {"area": out.mask.mean().item()}
+    logged = {"area": out.mask.detach().mean()}
     if real.any():
         clf = objective.classifier_terms(classifier, images[real], out.mask[real], class_ids[real])
         per_image = per_image.index_add(0, real.nonzero().squeeze(1),
                                         objective.preserve_weight * clf["preserve"] + objective.destroy_weight * clf["destroy"])
-        logged.update(preserve=clf["preserve"].mean().item(), destroy=clf["destroy"].mean().item())
+        logged.update(preserve=clf["preserve"].detach().mean(), destroy=clf["destroy"].detach().mean())
     loss = per_image.mean()
     if settings.selector_weight:
         embed = F.binary_cross_entropy_with_logits(out.selector_logit, real.float())
         loss = loss + settings.selector_weight * embed
-        logged["embed"] = embed.item()
-    logged["loss"] = loss.item()
+        logged["embed"] = embed.detach()
+    logged["loss"] = loss.detach()
     return loss, logged
