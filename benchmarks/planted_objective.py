@@ -24,6 +24,8 @@ VARIANTS = {
     "paper literally (SaliencyObjective.paper())": ("paper", {}),
     "default, no embedding speed-up (selector_weight=0)": ({}, {"selector_weight": 0.0}),
     "default, no fake labels (fake_label_prob=0)": ({}, {"fake_label_prob": 0.0}),
+    "hinge, linear area (power 1) 2": ({"area_power": 1.0, "area_eps": 0.0, "area_weight": 2.0}, {}),
+    "hinge, linear area (power 1) 5": ({"area_power": 1.0, "area_eps": 0.0, "area_weight": 5.0}, {}),
 }
 
 
