@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -333,6 +334,14 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
             save()
     finally:
         bar.close()
+    area = running.get("area")
+    if area is not None and not 0.005 < area < 0.95:
+        warnings.warn(
+            f"fit_explainer: masks ended {'empty' if area <= 0.005 else 'full'} (mean mask {area:.3f} over the last "
+            "steps): the explainer says nothing about where the evidence is. Train longer, or adjust the objective's "
+            "area_weight (docs/objective.md describes this case), and check masks on held-out images.",
+            stacklevel=3,
+        )
     explainer.config["training"]["steps"] = step
 
 

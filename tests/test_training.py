@@ -105,3 +105,9 @@ def test_fit_on_gpu_with_mixed_precision():
     assert explainer.device.type == "cuda"
     masks = explainer(PlantedPatterns(4, patch=12).images.cuda(), 0)
     assert masks.is_cuda and torch.isfinite(masks).all()
+
+
+def test_collapsed_masks_are_reported():
+    # a classifier with nothing to find: the area term wins and masks go empty
+    with pytest.warns(UserWarning, match="masks ended empty"):
+        _fit(ConstantLogits([0.0, 0.0, 0.0, 0.0]), epochs=40, lr=0.01)
