@@ -198,3 +198,17 @@ def test_cli_push_and_pull(explainer, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "copy" / "model.safetensors").exists()
     assert main(["pull", "someone/not-there"]) == 2
     assert "could not get Hub repo" in capsys.readouterr().err
+
+
+def test_the_published_demo_explainer_works():
+    from pathlib import Path
+
+    from blackbox_saliency.metrics import localisation_error
+    from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
+
+    folder = Path(__file__).resolve().parents[1] / "hub" / "explainer-planted-demo"
+    explainer = Explainer.from_pretrained(folder)
+    data = PlantedPatterns(64, patch=12, seed=321)
+    masks = explain(PatternClassifier(patch=12), data.images, data.labels, explainer=explainer)
+    assert localisation_error(masks, [b[None] for b in data.boxes]) <= 0.2
+    assert explain(PatternClassifier(patch=12), data.images, (data.labels + 2) % 4, explainer=explainer).mean() < 0.05
