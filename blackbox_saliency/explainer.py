@@ -186,12 +186,58 @@ class Explainer(nn.Module):
             raise ValueError(f"name_or_folder: weights in {weights_path} do not match its config: {err}") from err
         return explainer.eval()
 
+    def export_onnx(self, path: str | os.PathLike, input_size: tuple[int, int, int] | None = None) -> Path:
+        """Export the masking model to ONNX for deployment without PyTorch (the ``onnx`` extra).
+
+        Inputs ``images`` (float32 ``(N, C, H, W)``, as the classifier takes them) and
+        ``class_ids`` (int64 ``(N,)``); output ``masks`` (``(N, 1, H, W)``). The batch size is
+        free, the image size fixed: ``input_size = (C, H, W)``, by default the classifier's
+        input size from the config.
+
+        Example:
+            >>> explainer.export_onnx("explainer.onnx")  # doctest: +SKIP
+        """
+        size = input_size or (self.config.get("classifier") or {}).get("input_size")
+        if not size or len(size) != 3:
+            raise ValueError("input_size: give (C, H, W); the config records no classifier input size")
+        try:
+            import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+        except ImportError as err:
+            raise ImportError("export_onnx needs onnx and onnxscript: pip install 'blackbox-saliency[onnx]'") from err
+        path = Path(path)
+        param = next(self.parameters())
+        images = torch.zeros(2, *size, device=param.device)
+        class_ids = torch.zeros(2, dtype=torch.long, device=param.device)
+        batch = torch.export.Dim("batch")
+        was_training = self.training
+        self.eval()
+        try:
+            torch.onnx.export(
+                _MaskOnly(self.masking_model), (images, class_ids), str(path), input_names=["images", "class_ids"],
+                output_names=["masks"], dynamic_shapes={"images": {0: batch}, "class_ids": {0: batch}}, dynamo=True,
+                verbose=False,
+            )
+        finally:
+            self.train(was_training)
+        return path
+
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload blackbox-saliency explainer") -> str:
         """Upload config, weights and model card to the Hub repo ``repo_id`` (created if needed)."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+class _MaskOnly(nn.Module):
+    """The masking model with only the mask as output, for export."""
+
+    def __init__(self, model: MaskingModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(images, class_ids).mask
 
 
 _SCHEMA: dict[str, tuple[type, ...]] = {
