@@ -103,9 +103,11 @@ def explain(
         check_images(images, channels=explainer.config["in_chans"], min_size=explainer.config["mask_reduction"])
         ids = check_class_ids(class_ids, images.shape[0], explainer.num_classes)
         _check_pair(classifier, explainer, images)
-        with torch.no_grad():
-            return torch.cat([explainer(images[i : i + batch_size], ids[i : i + batch_size])
-                              for i in range(0, images.shape[0], batch_size)])
+        out = torch.empty(images.shape[0], 1, *images.shape[-2:], device=images.device)
+        with torch.no_grad():  # chunks fill a preallocated output: memory stays masks + one chunk
+            for i in range(0, images.shape[0], batch_size):
+                out[i : i + batch_size] = explainer(images[i : i + batch_size], ids[i : i + batch_size])
+        return out
 
     if method == "auto" and not _warned_fallback:
         _warned_fallback = True
@@ -118,12 +120,12 @@ def explain(
     with frozen(classifier):
         k = probe_classifier(classifier, images[:1].to(device), need_gradient=True)
     ids = check_class_ids(class_ids, images.shape[0], k)
-    chunks = []
+    out = torch.empty(images.shape[0], 1, *images.shape[-2:], device=images.device)
     for i in range(0, images.shape[0], batch_size):
         logger.debug("optimising masks for images %d-%d", i, min(i + batch_size, images.shape[0]))
         chunk = images[i : i + batch_size].to(device)
-        chunks.append(optimize_masks(classifier, chunk, ids[i : i + batch_size], **optimize_kwargs).to(images.device))
-    return torch.cat(chunks)
+        out[i : i + batch_size] = optimize_masks(classifier, chunk, ids[i : i + batch_size], **optimize_kwargs)
+    return out
 
 
 def _known_explainer(classifier: object) -> Explainer | None:
