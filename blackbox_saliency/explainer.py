@@ -67,7 +67,7 @@ class Explainer(nn.Module):
         encoder_kwargs = dict(encoder_kwargs or {})
         if encoder == "small":
             pretrained_encoder = False  # the CIFAR variant is always trained from random init
-        encoder_name = encoder if isinstance(encoder, str) else f"custom:{type(encoder).__name__}"
+        encoder_name = encoder if isinstance(encoder, str) else _timm_name(encoder) or f"custom:{type(encoder).__name__}"
         module = build_encoder(encoder, pretrained=pretrained_encoder, in_chans=in_chans, **encoder_kwargs)
         if num_bottlenecks is None:
             num_bottlenecks = 1 if encoder == "small" else 3
@@ -227,6 +227,19 @@ class Explainer(nn.Module):
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def _timm_name(module: nn.Module) -> str | None:
+    """The timm architecture of a feature-pyramid module timm built, if it is one: its weights
+    are saved with the explainer's, so the name is all the config needs to rebuild it."""
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if name:
+        import timm
+
+        if timm.is_model(name):
+            return name
+    return None
 
 
 class _MaskOnly(nn.Module):

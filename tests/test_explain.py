@@ -74,6 +74,7 @@ def test_method_explainer_needs_one():
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 0, "floating-point"),
         (torch.full((1, 3, 32, 32), float("nan")), 0, "NaN"),
         (torch.randn(0, 3, 32, 32), 0, "empty"),
+        (torch.randn(1, 3, 2, 2), 0, "at least 4x4"),
         (torch.randn(2, 3, 32, 32), 4, "class id 4 is out of range"),
         (torch.randn(2, 3, 32, 32), [0], "1 class ids for 2 images"),
         (torch.randn(2, 3, 32, 32), torch.tensor([0.5, 1.0]), "integer tensor"),

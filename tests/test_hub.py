@@ -212,3 +212,17 @@ def test_the_published_demo_explainer_works():
     masks = explain(PatternClassifier(patch=12), data.images, data.labels, explainer=explainer)
     assert localisation_error(masks, [b[None] for b in data.boxes]) <= 0.2
     assert explain(PatternClassifier(patch=12), data.images, (data.labels + 2) % 4, explainer=explainer).mean() < 0.05
+
+
+def test_an_explainer_on_a_handed_in_timm_encoder_saves_and_reloads(tmp_path):
+    import timm
+
+    encoder = timm.create_model("resnet18", features_only=True, pretrained=False)
+    with torch.no_grad():
+        encoder.conv1.weight.mul_(1.5)  # "loaded" weights that a rebuilt encoder would not have
+    explainer = Explainer(num_classes=4, encoder=encoder, num_bottlenecks=1).eval()
+    assert explainer.config["encoder"] == "resnet18" and explainer.config["freeze_encoder"]
+    explainer.save_pretrained(tmp_path)
+    loaded = Explainer.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(explainer(x, [0, 1]), loaded(x, [0, 1]))
