@@ -109,7 +109,7 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
     model = CifarResNet(num_classes=int(config["num_classes"]), width=int(config["width"]))
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     model.pretrained_cfg = {"architecture": "cifar10_resnet9", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
-                            "num_classes": 10, "input_size": (3, 32, 32)}
+                            "num_classes": 10, "input_size": (3, 32, 32), "class_names": CIFAR10_CLASSES}
     preprocess = transforms.Compose([
         transforms.Lambda(lambda image: image.convert("RGB")),
         transforms.Resize((32, 32)),

@@ -104,7 +104,9 @@ def _explain(args: argparse.Namespace) -> int:
 
     model, preprocess = load_classifier(args.classifier)
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    names = imagenet_class_names() if model.pretrained_cfg.get("num_classes", 1000) == 1000 else None
+    names = model.pretrained_cfg.get("class_names")
+    if names is None and model.pretrained_cfg.get("num_classes", 1000) == 1000:
+        names = imagenet_class_names()
     explainer = Explainer.from_pretrained(args.explainer) if args.explainer else None
     method = args.method
     if method == "auto" and explainer is None:

