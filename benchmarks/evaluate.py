@@ -12,7 +12,7 @@ area, the class probability on the preserved and on the removed image, the mean 
 absent class, and masks per second. Images are taken in a fixed order (the first ``--limit``
 after a seeded shuffle), the class is the ground-truth label, and the removed evidence is
 replaced by a blurred copy (sigma 10 at 224 px) so that every method meets the same
-alternative. Writes ``table.md`` (with the command, machine and date) and ``figure.png``.
+alternative. Writes ``table.md`` (with the command, machine and date) and ``figure.jpg``.
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def main() -> None:
         grid.paste(to_pil(pixels), (0, row * (size + 4)))
         for col, name in enumerate(names, start=1):
             grid.paste(to_pil(overlay(pixels, figure_masks[name][row])), (col * (size + 4), row * (size + 4)))
-    grid.save(args.out / "figure.png")
-    (args.out / "figure.md").write_text("Columns of figure.png: image, " + ", ".join(names) + ".\n")
+    grid.save(args.out / "figure.jpg", quality=85)
+    (args.out / "figure.md").write_text("Columns of figure.jpg: image, " + ", ".join(names) + ".\n")
 
 
 if __name__ == "__main__":

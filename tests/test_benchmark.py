@@ -33,4 +33,4 @@ def test_evaluate_on_a_handful_of_images(tmp_path):
     for row in ("| ground-truth boxes | 0.0 |", "| max box |", "| centre box |", "| gradient |",
                 "| iterative mask", "| this library's explainer |", "Command: `python benchmarks/evaluate.py"):
         assert row in table
-    assert (tmp_path / "out" / "figure.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "figure.jpg").stat().st_size > 1000
