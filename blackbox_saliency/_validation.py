@@ -26,9 +26,18 @@ def check_images(images: object, name: str = "images", channels: int | None = No
         raise ValueError(f"{name}: expected {channels} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
     if min(images.shape[-2:]) < min_size:
         raise ValueError(f"{name}: images must be at least {min_size}x{min_size} pixels, got {tuple(images.shape[-2:])}")
-    if not torch.isfinite(images).all():
+    if not _all_finite(images):
         raise ValueError(f"{name}: contains NaN or infinite values")
     return images
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every element is finite, without a batch-sized temporary: a sum is finite
+    exactly when no element is NaN or inf, unless it overflows; only then look chunk by chunk."""
+    if torch.isfinite(tensor.sum()):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def check_class_ids(class_ids: ClassIds, batch_size: int, num_classes: int | None, name: str = "class_ids") -> torch.Tensor:

@@ -140,3 +140,16 @@ def test_explainer_masks_for_any_shape_and_float_dtype(n, h, w, dtype, cls):
     masks = explainer(images, cls)
     assert masks.shape == (n, 1, h, w) and masks.dtype == torch.float32
     assert torch.isfinite(masks).all() and 0 <= masks.min() and masks.max() <= 1
+
+
+def test_finite_check_survives_overflowing_sums_and_finds_nan_anywhere():
+    from blackbox_saliency._validation import _all_finite
+
+    big = torch.full((3, 3, 8, 8), 3e38)  # finite, but its sum overflows float32
+    assert _all_finite(big)
+    assert _all_finite(torch.full((16,), 60000.0, dtype=torch.float16))
+    for position in (0, 100, 191):
+        x = torch.randn(3, 64)
+        x.view(-1)[position] = float("nan")
+        assert not _all_finite(x)
+    assert not _all_finite(torch.tensor([1.0, float("inf")]))
