@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from ._validation import check_class_ids, check_images
+
 __all__ = ["tightest_box", "box_area", "box_iou", "localisation_error", "saliency_metric"]
 
 
@@ -76,7 +78,10 @@ def localisation_error(
         raise ValueError(f"gt_boxes: got {len(gt_boxes)} entries for {boxes.shape[0]} masks")
     hits = torch.zeros(boxes.shape[0], dtype=torch.bool)
     for i, gt in enumerate(gt_boxes):
-        gt = torch.as_tensor(gt).reshape(-1, 4).to(boxes.device)
+        gt = torch.as_tensor(gt)
+        if gt.numel() % 4 or (gt.dim() == 2 and gt.shape[1] != 4):
+            raise ValueError(f"gt_boxes: entry {i} must be (k, 4) boxes x0, y0, x1, y1, got shape {tuple(gt.shape)}")
+        gt = gt.reshape(-1, 4).to(boxes.device)
         hits[i] = bool(gt.numel()) and bool((box_iou(boxes[i : i + 1], gt) > iou).any())
     error = 1.0 - hits.float().mean().item()
     return (error, hits) if return_hits else error
@@ -102,13 +107,16 @@ def saliency_metric(
     """
     if (masks is None) == (boxes is None):
         raise ValueError("masks: give exactly one of masks or boxes")
+    images = check_images(images)
     n, _, height, width = images.shape
+    if masks is not None and (_check_masks(masks).shape[0] != n or masks.shape[-2:] != images.shape[-2:]):
+        raise ValueError(f"masks: expected shape ({n}, 1, {height}, {width}), got {tuple(masks.shape)}")
     boxes = tightest_box(masks, threshold) if boxes is None else torch.as_tensor(boxes).reshape(-1, 4)
     if boxes.shape[0] != n:
         raise ValueError(f"boxes: got {boxes.shape[0]} for {n} images")
     boxes = boxes.to(images.device).float()
     area = box_area(boxes) / (height * width)
-    ids = torch.as_tensor(class_ids, device=images.device).reshape(-1)
+    ids = check_class_ids(class_ids, n, None).to(images.device)
     scores = []
     with torch.no_grad():
         for i in range(0, n, batch_size):

@@ -153,3 +153,31 @@ def test_finite_check_survives_overflowing_sums_and_finds_nan_anywhere():
         x.view(-1)[position] = float("nan")
         assert not _all_finite(x)
     assert not _all_finite(torch.tensor([1.0, float("inf")]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 4), st.integers(8, 40), st.sampled_from([torch.float32, torch.float64, torch.float16]))
+def test_explain_checks_dtype_against_the_classifier(n, size, dtype):
+    from conftest import tiny_cnn
+
+    torch.manual_seed(0)
+    explainer = Explainer(num_classes=4, **SMALL).eval()
+    images = torch.randn(n, 3, size, size).to(dtype)
+    if dtype == torch.float32:
+        masks = explain(tiny_cnn(4), images, list(range(n)), explainer=explainer)
+        assert masks.shape == (n, 1, size, size) and 0 <= masks.min() and masks.max() <= 1
+    else:  # a float32 classifier cannot take these: a clear error, not a crash inside torch
+        with pytest.raises(ValueError, match=f"classifier: failed on an input .* dtype {dtype}"):
+            explain(tiny_cnn(4), images, 0, explainer=explainer)
+
+
+def test_metrics_name_bad_arguments():
+    masks = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="gt_boxes: entry 1"):
+        localisation_error(masks, [torch.tensor([[0, 0, 3, 3]]), torch.tensor([1, 2, 3])])
+    with pytest.raises(ValueError, match="masks: expected shape"):
+        saliency_metric(ConstantLogits([0.0, 1.0]), torch.randn(2, 3, 16, 16), masks, [0, 1])
+    with pytest.raises(TypeError, match="images"):
+        saliency_metric(ConstantLogits([0.0, 1.0]), "not images", masks, [0, 1])
+    with pytest.raises(ValueError, match="class_ids"):
+        saliency_metric(ConstantLogits([0.0, 1.0]), torch.randn(2, 3, 8, 8), masks, [0])
