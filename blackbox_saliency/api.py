@@ -91,7 +91,7 @@ def explain(
     elif explainer is not None and not isinstance(explainer, Explainer):
         raise TypeError(f"explainer: expected an Explainer, a folder or a Hub repo id, got {type(explainer).__name__}")
     if explainer is None and method in ("auto", "explainer"):
-        explainer = _known_explainer(classifier)
+        explainer = _known_explainer(classifier, images)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if method == "explainer" and explainer is None:
@@ -128,9 +128,11 @@ def explain(
     return out
 
 
-def _known_explainer(classifier: object) -> Explainer | None:
-    """This project's pretrained explainer for the classifier's architecture, when it has one
-    and it can be loaded (from a checkout's hub/ folder, or the Hub and its cache)."""
+def _known_explainer(classifier: object, images: torch.Tensor) -> Explainer | None:
+    """This project's pretrained explainer for the classifier's architecture, when it has one,
+    it can be loaded (from a checkout's hub/ folder, or the Hub and its cache), and it fits:
+    same class count and input size. A fine-tuned model of a known architecture falls through
+    to the caller's fallback instead of meeting an explainer it never asked for."""
     name = pretrained_for(classifier)
     if name is None or name in _unavailable:
         return None
@@ -139,6 +141,11 @@ def _known_explainer(classifier: object) -> Explainer | None:
     except (FileNotFoundError, ValueError) as err:
         _unavailable.add(name)  # offline or missing: do not ask again in this process
         logger.info("no pretrained explainer available for this classifier (%s)", err)
+        return None
+    size = (explainer.config.get("classifier") or {}).get("input_size")
+    classes = getattr(classifier, "num_classes", None)
+    if (classes is not None and classes != explainer.num_classes) or (size and list(images.shape[1:]) != list(size)):
+        logger.info("the pretrained explainer %s does not fit this classifier or input size; not using it", name)
         return None
     logger.info("using the pretrained explainer %s", name)
     return explainer

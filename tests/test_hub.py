@@ -226,3 +226,18 @@ def test_an_explainer_on_a_handed_in_timm_encoder_saves_and_reloads(tmp_path):
     loaded = Explainer.from_pretrained(tmp_path)
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(explainer(x, [0, 1]), loaded(x, [0, 1]))
+
+
+def test_known_explainer_is_skipped_when_it_does_not_fit(explainer, tmp_path, monkeypatch):
+    import timm
+
+    explainer.save_pretrained(tmp_path / "explainer-resnet18")
+    monkeypatch.setattr(hub, "HUB_FOLDER", tmp_path)
+    monkeypatch.setitem(hub.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
+    hub.cached_explainer.cache_clear()
+    fine_tuned = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()  # 7 classes, not 4
+    with pytest.raises(ValueError, match="needs a trained explainer"):
+        explain(fine_tuned, torch.randn(1, 3, 32, 32), 0, method="explainer")
+    same = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    with pytest.raises(ValueError, match="needs a trained explainer"):  # 64 px, not its 32 px
+        explain(same, torch.randn(1, 3, 64, 64), 0, method="explainer")
