@@ -2,7 +2,7 @@
 classifier's own forward pass, gradient saliency, Grad-CAM and the iterative optimisation.
 
     python benchmarks/speed.py                     # the CPU here
-    python benchmarks/speed.py --device cuda       # a GPU (bf16 autocast for the explainer with --bf16)
+    python benchmarks/speed.py --device cuda --bf16 --channels-last --compile --batch-size 256   # a GPU
 
 Two explainers at 224 px: one on a ResNet-50 encoder (the paper's size) and one on the
 EfficientNet-Lite0 encoder; the classifier is EfficientNet-Lite0 (random weights when the
@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--optimize-steps", type=int, default=20)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the explainers")
+    parser.add_argument("--bf16", action="store_true", help="explainers in bf16 (Explainer.for_inference)")
+    parser.add_argument("--channels-last", action="store_true", help="explainers in channels-last layout")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the explainers")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -55,22 +57,21 @@ def main() -> None:
     ids = torch.randint(0, 1000, (args.batch_size,), device=device)
     rows = []
 
-    def autocast():
-        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-
     with torch.no_grad():
         classifier_rate = rate(classifier, images, device, args.repeats)
     rows.append(("classifier forward (EfficientNet-Lite0)", classifier_rate, None))
     for encoder in ("resnet50", "efficientnet_lite0"):
-        explainer = Explainer(num_classes=1000, encoder=encoder, pretrained_encoder=False).eval().to(device)
+        explainer = Explainer(num_classes=1000, encoder=encoder, pretrained_encoder=False).to(device).for_inference(
+            dtype=torch.bfloat16 if args.bf16 else None, channels_last=args.channels_last, compile=args.compile)
 
         def run(x, explainer=explainer):
-            with torch.no_grad(), autocast():
+            with torch.no_grad():
                 return explainer(x, ids[: x.shape[0]])
 
         throughput = rate(run, images, device, args.repeats)
         latency = 1000 / rate(run, images[:1], device, max(5, args.repeats))
-        rows.append((f"explainer, {encoder} encoder{' (bf16)' if args.bf16 else ''}", throughput, latency))
+        options = [o for o, on in (("bf16", args.bf16), ("channels-last", args.channels_last), ("compiled", args.compile)) if on]
+        rows.append((f"explainer, {encoder} encoder{' (' + ', '.join(options) + ')' if options else ''}", throughput, latency))
     rows.append(("gradient saliency", rate(lambda x: gradient_saliency(classifier, x, ids[: x.shape[0]]), images, device, args.repeats), None))
     try:
         rows.append(("Grad-CAM (grad-cam)", rate(lambda x: grad_cam(classifier, x, ids[: x.shape[0]]), images, device, args.repeats), None))
@@ -80,7 +81,8 @@ def main() -> None:
     rows.append((f"iterative mask, {args.optimize_steps} steps", rate(optimise, images, device, 1), None))
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"Command: `python benchmarks/speed.py {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(args).items() if v not in (False, None))}`  ")
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (False, None)]
+    print(f"Command: `python benchmarks/speed.py {' '.join(flags)}`  ")
     print(f"Device: {name}; torch {torch.__version__}; batch {args.batch_size} at 224 px; date: {date.today()}.\n")
     print("| method | masks/s | time per mask / classifier forward time | single-image latency (ms) |")
     print("| --- | --- | --- | --- |")
