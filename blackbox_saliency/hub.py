@@ -117,7 +117,8 @@ def resolve_folder(name_or_folder: str | os.PathLike, revision: str | None = Non
     if path.is_dir():
         return _check_folder(path)
     name = str(name_or_folder)
-    if name.count("/") > 1 or name.startswith((".", "/")) or path.suffix:
+    # a repo id is "owner/name" (dots allowed, as in "timm/efficientnet_lite0.ra_in1k")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith("/"):
         raise FileNotFoundError(f"name_or_folder: {name} is neither a folder nor a Hub repo id")
     try:
         local = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=HUB_FILES)

@@ -59,6 +59,9 @@ def test_load_by_repo_id_from_the_hub_cache_offline(explainer, tmp_path, monkeyp
     assert torch.equal(loaded(x, 3), explainer(x, 3))
     with pytest.raises(FileNotFoundError, match="could not get Hub repo 'someone/absent'"):
         Explainer.from_pretrained("someone/absent", cache_dir=tmp_path / "cache")
+    # dots are common in Hub repo names
+    _put_in_hub_cache(tmp_path / "saved", tmp_path / "cache", "someone/explainer.v2")
+    assert torch.equal(Explainer.from_pretrained("someone/explainer.v2", cache_dir=tmp_path / "cache")(x, 3), explainer(x, 3))
 
 
 def test_push_to_hub_uploads_weights_config_and_card(explainer, monkeypatch):
