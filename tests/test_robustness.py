@@ -20,7 +20,9 @@ from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 from conftest import SMALL, ConstantLogits
 
 ROOT = Path(__file__).resolve().parents[1]
-FIT = dict(SMALL, epochs=12, batch_size=8, seed=5, device="cpu", progress=False, checkpoint_every=4)
+# long enough (4 steps an epoch) that the kill lands mid-run, short enough to repeat in-process
+FIT = dict(SMALL, epochs=60, batch_size=8, seed=5, device="cpu", progress=False, checkpoint_every=4)
+TOTAL_STEPS = 60 * 4
 TRAIN_SCRIPT = """
 import sys, torch
 from blackbox_saliency import fit_explainer
@@ -43,12 +45,14 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    # the kill must have landed while training ran, or this test would check no resume at all
+    assert proc.returncode == -signal.SIGKILL, f"the training subprocess ended by itself ({proc.returncode})"
     assert checkpoint.exists(), "the training subprocess never wrote a checkpoint"
     saved_step = int(torch.load(checkpoint, weights_only=True)["step"])
-    assert saved_step > 0 and saved_step % 4 == 0  # written only at checkpoint intervals and epoch ends
+    assert 0 < saved_step < TOTAL_STEPS and saved_step % 4 == 0  # only at checkpoint intervals and epoch ends
     resumed = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path,
                             resume=True, **FIT)
-    assert resumed.config["training"]["steps"] == 12 * 4
+    assert resumed.config["training"]["steps"] == TOTAL_STEPS
     uninterrupted = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), **FIT)
     for name, tensor in uninterrupted.state_dict().items():
         assert torch.allclose(tensor.float(), resumed.state_dict()[name].float(), atol=1e-5), name
