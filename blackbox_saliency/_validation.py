@@ -9,8 +9,10 @@ import torch
 ClassIds = Union[int, Sequence[int], torch.Tensor]
 
 
-def check_images(images: object, name: str = "images", channels: int | None = None, min_size: int = 1) -> torch.Tensor:
-    """A float ``(N, C, H, W)`` tensor with finite values, or a clear error."""
+def check_images(images: object, name: str = "images", channels: int | None = None, min_size: int = 1,
+                 finite: bool = True) -> torch.Tensor:
+    """A float ``(N, C, H, W)`` tensor with finite values (``finite=False``: values already
+    checked), or a clear error."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
@@ -26,7 +28,7 @@ def check_images(images: object, name: str = "images", channels: int | None = No
         raise ValueError(f"{name}: expected {channels} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
     if min(images.shape[-2:]) < min_size:
         raise ValueError(f"{name}: images must be at least {min_size}x{min_size} pixels, got {tuple(images.shape[-2:])}")
-    if not _all_finite(images):
+    if finite and not _all_finite(images):
         raise ValueError(f"{name}: contains NaN or infinite values")
     return images
 

@@ -100,7 +100,8 @@ def explain(
         raise TypeError(f"explain: {sorted(optimize_kwargs)} only apply to method='optimize'")
 
     if method == "explainer" or (method == "auto" and explainer is not None):
-        check_images(images, channels=explainer.config["in_chans"], min_size=explainer.config["mask_reduction"])
+        check_images(images, channels=explainer.config["in_chans"], min_size=explainer.config["mask_reduction"],
+                     finite=False)  # values were checked above; each chunk is checked again in forward
         ids = check_class_ids(class_ids, images.shape[0], explainer.num_classes)
         _check_pair(classifier, explainer, images)
         out = torch.empty(images.shape[0], 1, *images.shape[-2:], device=images.device)
