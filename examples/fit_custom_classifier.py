@@ -8,8 +8,10 @@
    of 3 blocks of 5 convs, as in the paper's section 5.2),
 3. saves it and writes a picture of masks for a few test images.
 
-Defaults run in a few minutes on a laptop CPU with a subset of the data and few epochs (masks
-are then rough); on a GPU use ``--train-images 50000 --classifier-epochs 30 --epochs 20``.
+Defaults run in a few minutes on a laptop CPU with a subset of the data and few epochs. That
+shows the API, not mask quality: with these defaults (a 63% classifier, 2 explainer epochs) the
+masks came out empty (mean area 0.007 on 2026-11-25, and ``fit_explainer`` warns about it); see
+``docs/objective.md``. On a GPU use ``--train-images 50000 --classifier-epochs 30 --epochs 20``.
 """
 
 import argparse
