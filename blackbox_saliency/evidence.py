@@ -17,6 +17,8 @@ import math
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from ._distributed import LOCAL, BatchShard
+
 __all__ = ["blur_sigma_for", "gaussian_blur", "random_colour_noise", "alternative_image", "remove_evidence"]
 
 #: Blur strength from the paper: sigma 10 at 224 px, scaled with the image size.
@@ -43,30 +45,32 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def random_colour_noise(
-    images: torch.Tensor, colour_scale: float = 0.66, noise_scale: float = 0.2
+    images: torch.Tensor, colour_scale: float = 0.66, noise_scale: float = 0.2, *, shard: BatchShard = LOCAL
 ) -> torch.Tensor:
     """A random constant colour per image plus Gaussian noise, in the images' own space.
 
     Each channel's colour is ``mean + U(-1, 1) * colour_scale * std`` and the noise has std
-    ``noise_scale * std``, with mean and std of that channel over the batch.
+    ``noise_scale * std``, with mean and std of that channel over the batch (over the whole
+    batch across processes when ``shard`` is one process's share of it, in distributed training).
     """
-    flat = images.detach().transpose(0, 1).reshape(images.shape[1], -1)
-    mean = flat.mean(dim=1).view(1, -1, 1, 1)
-    std = flat.std(dim=1).clamp_min(1e-3).view(1, -1, 1, 1) if flat.shape[1] > 1 else torch.ones_like(mean)
+    mean, std = shard.channel_stats(images)
     n, c = images.shape[:2]
-    colour = mean + (torch.rand(n, c, 1, 1, device=images.device, dtype=images.dtype) * 2 - 1) * colour_scale * std
-    noise = torch.randn_like(images) * noise_scale * std
+    colour = mean + (shard.rand(n, c, 1, 1, device=images.device, dtype=images.dtype) * 2 - 1) * colour_scale * std
+    noise = shard.randn(n, *images.shape[1:], device=images.device, dtype=images.dtype) * noise_scale * std
     return colour + noise
 
 
-def alternative_image(images: torch.Tensor, blur_prob: float = 0.5, blur_sigma: float | None = None) -> torch.Tensor:
+def alternative_image(images: torch.Tensor, blur_prob: float = 0.5, blur_sigma: float | None = None, *,
+                      shard: BatchShard = LOCAL) -> torch.Tensor:
     """Draw the alternative image ``A`` for each image: blur with probability ``blur_prob``,
-    otherwise a random colour with noise. ``blur_sigma=None`` uses the paper's, scaled."""
+    otherwise a random colour with noise. ``blur_sigma=None`` uses the paper's, scaled.
+    ``shard``: in distributed training, this process's share of the batch; the draws are then
+    those one process would make for the whole batch."""
     images = images.detach()
     if blur_sigma is None:
         blur_sigma = blur_sigma_for(*images.shape[-2:])
-    use_blur = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < blur_prob
-    return torch.where(use_blur, gaussian_blur(images, blur_sigma), random_colour_noise(images))
+    use_blur = shard.rand(images.shape[0], 1, 1, 1, device=images.device) < blur_prob
+    return torch.where(use_blur, gaussian_blur(images, blur_sigma), random_colour_noise(images, shard=shard))
 
 
 def remove_evidence(

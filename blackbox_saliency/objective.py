@@ -106,6 +106,7 @@ class SaliencyObjective:
         images: torch.Tensor,
         masks: torch.Tensor,
         class_ids: torch.Tensor,
+        alternatives: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The classifier's terms, per image, with ``masks`` at the images' resolution.
 
@@ -114,11 +115,13 @@ class SaliencyObjective:
         ``m(z) = z_c - max_{k != c} z_k`` on the logits, ``preserve = relu(preserve_margin - m)``
         and ``destroy = relu(m + destroy_margin)``; unlike a softmax probability these keep
         their gradient when the classifier is very confident. One classifier call on both
-        edited batches; each gets its own alternative image.
+        edited batches; each gets its own alternative image, drawn here unless
+        ``alternatives`` gives the pair (for preserve, for destroy).
         """
         n = images.shape[0]
-        alt = alternative_image(images, self.blur_prob)
-        alt_inv = alternative_image(images, self.blur_prob)
+        if alternatives is None:
+            alternatives = (alternative_image(images, self.blur_prob), alternative_image(images, self.blur_prob))
+        alt, alt_inv = alternatives
         edited = torch.cat([remove_evidence(images, masks, alt), remove_evidence(images, 1 - masks, alt_inv)])
         logits = classifier(edited).float()
         ids = torch.cat([class_ids, class_ids]).view(-1, 1)

@@ -21,7 +21,10 @@ from tqdm.auto import tqdm
 
 from ._classifier import device_of, frozen
 from ._validation import check_classifier, probe_classifier
+from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, sync_batchnorm, unsync_batchnorm
+from .evidence import alternative_image
 from .explainer import Explainer, _atomic_write
+from .masking_model import MaskOutput
 from .objective import SaliencyObjective
 
 __all__ = ["fit_explainer", "CHECKPOINT_NAME"]
@@ -73,9 +76,9 @@ def _check_dataset(dataset: object) -> tuple[torch.Tensor, int]:
     return image, int(label)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None  # CUDA when available, chosen with the process group
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
@@ -142,6 +145,7 @@ def fit_explainer(
     max_steps: int | None = None,
     checkpoint_every: int | None = None,
     num_workers: int = 0,
+    preload: bool = False,
     progress: bool = True,
     classifier_info: dict[str, Any] | None = None,
     **explainer_kwargs: Any,
@@ -156,7 +160,8 @@ def fit_explainer(
         encoder: ``"small"`` (the CIFAR variant: random init, 3 blocks of 5 convs), a timm name,
             or a feature-pyramid module. Pretrained encoders are frozen.
         epochs, batch_size, lr: Adam on the masking model; the last partial batch is dropped.
-        device: default CUDA when available (bf16 autocast there), else the CPU.
+        device: default CUDA when available (bf16 autocast there), else the CPU. Under
+            ``torchrun`` each process takes ``cuda:LOCAL_RANK`` (see "Several processes").
         checkpoint_dir: where ``last.pt`` is written atomically at every epoch's end and every
             ``checkpoint_every`` steps. ``resume=True`` continues from it.
         seed: makes a run reproducible (on the CPU, bit for bit).
@@ -170,10 +175,23 @@ def fit_explainer(
             makes ``max_ij sigmoid(X_ij^T C_s)`` high for the real class and low for a fake one.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
+        num_workers: DataLoader worker processes decoding images (per process).
+        preload: apply the dataset's transforms once and keep every image on ``device``, so
+            the GPU never waits on a loader (CIFAR-10 in float32 takes 0.6 GB). Transforms
+            drawn at random are then frozen; the flips of ``augment`` still vary.
         **explainer_kwargs: architecture options of :class:`Explainer` (``mask_reduction``...).
 
     Returns:
-        The trained explainer, in eval mode, on ``device``.
+        The trained explainer, in eval mode, on ``device`` (on every process).
+
+    Several processes:
+        Run the same script with ``torchrun --nproc_per_node=N``: each process joins the group
+        (NCCL on GPUs, gloo on CPUs), takes ``batch_size / N`` images of every batch, and
+        DistributedDataParallel averages the gradients. Random draws are made for the whole
+        batch and trainable batch norms are synchronised, so the result is what one process
+        computes with the same ``batch_size``, up to float noise. Process 0 alone logs, shows
+        progress and writes checkpoints (``checkpoint_dir`` must be on storage every process
+        reads to resume). ``batch_size`` must be divisible by N.
 
     Example:
         >>> explainer = fit_explainer(classifier, train_set, encoder="small", epochs=20)  # doctest: +SKIP
@@ -195,7 +213,6 @@ def fit_explainer(
     objective = objective or SaliencyObjective()
     if not isinstance(objective, SaliencyObjective):
         raise TypeError(f"objective: expected a SaliencyObjective or a dict, got {type(objective).__name__}")
-    device = _resolve_device(device)
     checkpoint_path = None
     if checkpoint_dir is not None:
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -203,32 +220,39 @@ def fit_explainer(
     if resume and checkpoint_path is None:
         raise ValueError("resume: needs a checkpoint_dir to resume from")
 
-    settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, selector, selector_weight, augment)
-    original_device = device_of(classifier, device)
-    if isinstance(classifier, nn.Module):
-        classifier.to(device)
+    group = join_process_group(_resolve_device(device))
     try:
-        with frozen(classifier):
-            k = probe_classifier(classifier, image0.unsqueeze(0).to(device), need_gradient=True)
-            if num_classes is None:
-                num_classes = k
-            elif num_classes != k:
-                raise ValueError(f"num_classes: given {num_classes} but the classifier returns {k} logits")
-            _seed_everything(seed)
-            info = dict(classifier_info or {})
-            info.setdefault("input_size", list(image0.shape))
-            explainer = Explainer(
-                num_classes, encoder, pretrained_encoder=pretrained_encoder and isinstance(encoder, str),
-                encoder_kwargs=encoder_kwargs, in_chans=image0.shape[0], objective=objective.to_dict(),
-                classifier_info=info, **explainer_kwargs,
-            ).to(device)
-            explainer.config["training"] = settings.to_dict()
-            _train(classifier, dataset, explainer, objective, settings, device, checkpoint_path, resume,
-                   max_steps, checkpoint_every, num_workers, progress)
-    finally:
+        if batch_size % group.shard.world:
+            raise ValueError(f"batch_size: {batch_size} must be divisible by the number of processes ({group.shard.world})")
+        device = group.device
+        settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, selector, selector_weight, augment)
+        original_device = device_of(classifier, device)
         if isinstance(classifier, nn.Module):
-            classifier.to(original_device)
-    return explainer.eval()
+            classifier.to(device)
+        try:
+            with frozen(classifier):
+                k = probe_classifier(classifier, image0.unsqueeze(0).to(device), need_gradient=True)
+                if num_classes is None:
+                    num_classes = k
+                elif num_classes != k:
+                    raise ValueError(f"num_classes: given {num_classes} but the classifier returns {k} logits")
+                _seed_everything(seed)
+                info = dict(classifier_info or {})
+                info.setdefault("input_size", list(image0.shape))
+                explainer = Explainer(
+                    num_classes, encoder, pretrained_encoder=pretrained_encoder and isinstance(encoder, str),
+                    encoder_kwargs=encoder_kwargs, in_chans=image0.shape[0], objective=objective.to_dict(),
+                    classifier_info=info, **explainer_kwargs,
+                ).to(device)
+                explainer.config["training"] = settings.to_dict()
+                _train(classifier, dataset, explainer, objective, settings, group, checkpoint_path, resume,
+                       max_steps, checkpoint_every, num_workers, preload, progress and group.is_main)
+        finally:
+            if isinstance(classifier, nn.Module):
+                classifier.to(original_device)
+        return explainer.eval()
+    finally:
+        group.close()
 
 
 def _check_writable(folder: Path) -> None:
@@ -242,9 +266,51 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"checkpoint_dir: {folder} is not writable ({err})") from err
 
 
+class _MaskStep(nn.Module):
+    """The explainer's training forward as a ``forward``, which DistributedDataParallel needs."""
+
+    def __init__(self, explainer: Explainer):
+        super().__init__()
+        self.explainer = explainer
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> MaskOutput:
+        return self.explainer.masks_with_details(images, class_ids)
+
+
+def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without waiting for the device: from pageable memory a copy syncs the stream."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _preload(dataset: Dataset, device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label of ``dataset`` as two tensors on ``device``."""
+    image0, _ = dataset[0]
+    needed = len(dataset) * image0.numel() * 4
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if needed > free // 2:
+            raise ValueError(f"preload: the dataset takes {needed / 2**30:.1f} GiB and {device} has "
+                             f"{free / 2**30:.1f} GiB free; leave room for training (preload=False streams it)")
+    images = torch.empty(len(dataset), *image0.shape, device=device)
+    labels = torch.empty(len(dataset), dtype=torch.long, device=device)
+    # its own generator: a loader seeds itself from the global RNG, which the training draws use
+    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())
+    start = 0
+    for batch_images, batch_labels in loader:
+        n = batch_images.shape[0]
+        images[start : start + n].copy_(batch_images, non_blocking=True)
+        labels[start : start + n].copy_(torch.as_tensor(batch_labels), non_blocking=True)
+        start += n
+    return images, labels
+
+
 def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjective, settings: _Settings,
-           device: torch.device, checkpoint_path: Path | None, resume: bool, max_steps: int | None,
-           checkpoint_every: int | None, num_workers: int, progress: bool) -> None:
+           group: ProcessGroup, checkpoint_path: Path | None, resume: bool, max_steps: int | None,
+           checkpoint_every: int | None, num_workers: int, preload: bool, progress: bool) -> None:
+    device, shard = group.device, group.shard
     params = [p for p in explainer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     start_epoch, start_batch, step = 0, 0, 0
@@ -259,28 +325,49 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
         explainer.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        # Every process's generators are in the same state (they draw the whole batch), so
+        # process 0's saved state fits them all, with any number of processes.
         torch.set_rng_state(state["cpu_rng"].cpu())
         if device.type == "cuda" and state["cuda_rng"].numel():
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        logger.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint_path, start_epoch, start_batch, step)
+        if group.is_main:
+            logger.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint_path, start_epoch, start_batch, step)
+
+    model: nn.Module = _MaskStep(explainer)
+    if shard.distributed:
+        sync_batchnorm(explainer, device)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    data = _preload(dataset, device, num_workers) if preload else None
 
     k = explainer.num_classes
+    per_process = settings.batch_size // shard.world
     batches_per_epoch = len(_epoch_batches(len(dataset), settings.batch_size, settings.seed, 0))
     total = settings.epochs * batches_per_epoch
     if max_steps is not None:
         total = min(total, max_steps)
     amp = device.type == "cuda"
+    dtype = next(iter(params)).dtype if params else torch.float32  # images follow the weights
     running: dict[str, float] = {}
     bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit_explainer", unit="step")
     position, saved = (start_epoch, start_batch), (start_epoch, start_batch)
-
     pending: list[dict[str, torch.Tensor]] = []
+    pending_real: list[int] = []
 
     def flush() -> None:
-        """Sync with the device only here: check the losses since the last flush are finite
-        and fold them into the running averages shown by the progress bar."""
-        for i, terms in enumerate(pending):
-            values = {name: float(value) for name, value in terms.items()}
+        """Sync with the device (and the other processes) only here: check the losses since
+        the last flush are finite and fold them into the running averages shown by the
+        progress bar. Every process sees the same sums, so all stop together on a NaN."""
+        if not pending:
+            return
+        names = list(pending[0])
+        sums = torch.stack([torch.stack([terms[name].float() for name in names]) for terms in pending])
+        counts = torch.tensor(pending_real, dtype=torch.float32).to(sums.device)
+        sums, counts = shard.sum(sums).cpu(), shard.sum(counts).cpu()
+        for i, row in enumerate(sums.tolist()):
+            # loss, area and embed are per-process means of equal shares; preserve and destroy
+            # are sums over the real-class images
+            values = {name: value / (max(counts[i].item(), 1.0) if name in ("preserve", "destroy") else shard.world)
+                      for name, value in zip(names, row)}
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(
                     f"fit_explainer: the loss became {values['loss']} at step {step - len(pending) + i + 1}; the last "
@@ -289,13 +376,15 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
             for name, value in values.items():
                 running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
         pending.clear()
+        pending_real.clear()
         bar.set_postfix({n: f"{v:.3g}" for n, v in running.items()}, refresh=False)
 
     def save() -> None:
         nonlocal saved
         flush()  # never checkpoint weights that a non-finite loss has touched
         if checkpoint_path is not None and saved != position:
-            _save_checkpoint(checkpoint_path, explainer, optimizer, settings, *position, step, device)
+            if group.is_main:
+                _save_checkpoint(checkpoint_path, explainer, optimizer, settings, *position, step, device)
             saved = position
 
     explainer.train()
@@ -303,24 +392,31 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
         for epoch in range(start_epoch, settings.epochs):
             if step >= total:
                 break
-            batches = _epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch)
+            # this process's rows of every global batch: a distributed batch sampler
+            batches = [batch[shard.rank * per_process : (shard.rank + 1) * per_process]
+                       for batch in _epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch)]
             first = start_batch if epoch == start_epoch else 0
-            # Its own generator: a loader drawing its worker seed from the global RNG would
-            # shift every random draw after a mid-epoch resume.
-            loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=num_workers,
-                                pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(settings.seed + epoch))
+            if data is not None:
+                loader = ((data[0][index], data[1][index])
+                          for index in (_host_to_device(torch.tensor(rows), device) for rows in batches[first:]))
+            else:
+                # Its own generator: a loader drawing its worker seed from the global RNG would
+                # shift every random draw after a mid-epoch resume.
+                loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=num_workers,
+                                    pin_memory=device.type == "cuda",
+                                    generator=torch.Generator().manual_seed(settings.seed + epoch))
             for b, (images, labels) in enumerate(loader, start=first):
-                images = images.to(device, non_blocking=True).float()
-                labels = torch.as_tensor(labels).to(device).long()
+                images = images.to(device, dtype, non_blocking=True)
+                labels = torch.as_tensor(labels).to(device, non_blocking=True).long()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, terms = _batch_loss(classifier, explainer, objective, images, labels, k, settings)
+                    loss, terms, n_real = _batch_loss(classifier, model, objective, images, labels, k, settings, shard)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 position = (epoch + 1, 0) if b + 1 == len(batches) else (epoch, b + 1)
                 pending.append(terms)
+                pending_real.append(n_real)
                 if len(pending) >= _SYNC_EVERY:
                     flush()
                 bar.update(1)
@@ -329,13 +425,16 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 if step >= total:
                     break
             flush()
-            logger.info("epoch %d/%d: %s", epoch + 1, settings.epochs,
-                        ", ".join(f"{n}={v:.4g}" for n, v in running.items()))
+            if group.is_main:
+                logger.info("epoch %d/%d: %s", epoch + 1, settings.epochs,
+                            ", ".join(f"{n}={v:.4g}" for n, v in running.items()))
             save()
     finally:
         bar.close()
+        if shard.distributed:
+            unsync_batchnorm(explainer)
     area = running.get("area")
-    if area is not None and not 0.005 < area < 0.95:
+    if group.is_main and area is not None and not 0.005 < area < 0.95:
         warnings.warn(
             f"fit_explainer: masks ended {'empty' if area <= 0.005 else 'full'} (mean mask {area:.3f} over the last "
             "steps): the explainer says nothing about where the evidence is. Train longer, or adjust the objective's "
@@ -345,33 +444,45 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     explainer.config["training"]["steps"] = step
 
 
-def _batch_loss(classifier, explainer: Explainer, objective: SaliencyObjective, images: torch.Tensor,
-                labels: torch.Tensor, k: int, settings: _Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    n = images.shape[0]
+def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, images: torch.Tensor,
+                labels: torch.Tensor, k: int, settings: _Settings,
+                shard: BatchShard = LOCAL) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """The batch's loss, its terms for logging (means, and sums over the real-class images for
+    preserve and destroy) and how many images were given their real class."""
+    n, device = images.shape[0], images.device
+    # Per-image choices are drawn on the CPU: which images are real is known without waiting
+    # for the device.
+    flip = shard.rand(n) < 0.5
+    fake = shard.rand(n) < settings.fake_label_prob
+    shift = shard.randint(1, k, n)  # a fake class is any other class: (y + U{1..K-1}) mod K
     if settings.augment:
-        flip = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
-        images = torch.where(flip, images.flip(-1), images)
+        images = torch.where(_host_to_device(flip, device).view(n, 1, 1, 1), images.flip(-1), images)
     if settings.selector == "prediction":
         with torch.no_grad():
             labels = classifier(images).argmax(1)
-    # A fake class is any other class: (y + U{1..K-1}) mod K.
-    fake = torch.rand(n, device=images.device) < settings.fake_label_prob
-    shifted = (labels + torch.randint(1, k, (n,), device=images.device)) % k
-    class_ids = torch.where(fake, shifted, labels)
-    out = explainer.masks_with_details(images, class_ids)
+    real_rows = (~fake).nonzero().squeeze(1)
+    real = _host_to_device(~fake, device)
+    class_ids = torch.where(real, labels, (labels + _host_to_device(shift, device)) % k)
+    # Alternatives for the whole batch, fake rows included: the draws then do not depend on
+    # how many images of this process's share are real.
+    alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
+                    alternative_image(images, objective.blur_prob, shard=shard))
+    out = model(images, class_ids)
     terms = objective.regulariser_terms(out.low_res_mask)
-    real = ~fake
     per_image = objective.area_weight * terms["area"] + objective.tv_weight * terms["tv"] * real
-    logged = {"area": out.mask.detach().mean()}
-    if real.any():
-        clf = objective.classifier_terms(classifier, images[real], out.mask[real], class_ids[real])
-        per_image = per_image.index_add(0, real.nonzero().squeeze(1),
-                                        objective.preserve_weight * clf["preserve"] + objective.destroy_weight * clf["destroy"])
-        logged.update(preserve=clf["preserve"].detach().mean(), destroy=clf["destroy"].detach().mean())
+    zero = out.mask.new_zeros(())
+    logged = {"area": out.mask.detach().mean(), "preserve": zero, "destroy": zero}
+    if len(real_rows):
+        rows = _host_to_device(real_rows, device)
+        clf = objective.classifier_terms(classifier, images[rows], out.mask[rows], class_ids[rows],
+                                         alternatives=(alternatives[0][rows], alternatives[1][rows]))
+        per_image = per_image.index_add(0, rows, objective.preserve_weight * clf["preserve"]
+                                        + objective.destroy_weight * clf["destroy"])
+        logged.update(preserve=clf["preserve"].detach().sum(), destroy=clf["destroy"].detach().sum())
     loss = per_image.mean()
     if settings.selector_weight:
         embed = F.binary_cross_entropy_with_logits(out.selector_logit, real.float())
         loss = loss + settings.selector_weight * embed
         logged["embed"] = embed.detach()
     logged["loss"] = loss.detach()
-    return loss, logged
+    return loss, logged, len(real_rows)

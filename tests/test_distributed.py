@@ -1,0 +1,114 @@
+"""Training on several processes: ``fit_explainer`` under ``torchrun`` (two CPU processes with
+gloo) trains what one process trains, and the pieces that make it so."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from blackbox_saliency import fit_explainer
+from blackbox_saliency._distributed import BatchShard, _AllReduceBatchNorm2d, sync_batchnorm, unsync_batchnorm
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fit_with_torchrun.py"
+# float64, so one and two processes must agree to ~1e-13: any slip in sharding, random draws,
+# statistics or gradient averaging shows up as a difference of order one.
+SMALL = ["--train-images", "256", "--batch-size", "64", "--float64"]
+
+
+def _fit(tmp_path: Path, name: str, processes: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([*launcher, str(EXAMPLE), *SMALL, "--out", str(tmp_path / name), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _worst_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-6)).item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    out = _fit(tmp, "one", 1, "--steps", "4").stdout
+    assert "1 process(es)" in out
+    return _weights(tmp / "one")
+
+
+def test_two_processes_train_what_one_trains(tmp_path, one_process):
+    out = _fit(tmp_path, "two", 2, "--steps", "4").stdout
+    assert out.count("2 process(es)") == 1  # process 0 alone reports and saves
+    two = _weights(tmp_path / "two")
+    assert _worst_difference(one_process, two) < 1e-9
+    # and the comparison can fail: one more step is a different explainer
+    _fit(tmp_path, "five", 1, "--steps", "5")
+    assert _worst_difference(one_process, _weights(tmp_path / "five")) > 1e-4
+
+
+def test_a_run_started_on_two_processes_resumes_on_one(tmp_path, one_process):
+    checkpoints = tmp_path / "checkpoints"
+    _fit(tmp_path, "half", 2, "--steps", "2", "--checkpoint-dir", str(checkpoints))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt"]
+    _fit(tmp_path, "resumed", 1, "--steps", "4", "--checkpoint-dir", str(checkpoints))
+    assert _worst_difference(one_process, _weights(tmp_path / "resumed")) < 1e-9
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
+    done = _fit(tmp_path, "odd", 2, "--steps", "1", "--batch-size", "63", check=False)
+    assert done.returncode != 0
+    assert "batch_size: 63 must be divisible by the number of processes (2)" in done.stderr
+
+
+def test_shards_draw_the_rows_of_the_whole_batch():
+    for draw in (lambda s, n: s.rand(n, 2), lambda s, n: s.randn(n, 3, 2, 2), lambda s, n: s.randint(1, 9, n)):
+        torch.manual_seed(3)
+        expected = draw(BatchShard(), 6)
+        parts = []
+        for rank in range(3):
+            torch.manual_seed(3)  # every process's generator starts alike
+            parts.append(draw(BatchShard(rank, 3), 2))
+        assert torch.equal(torch.cat(parts), expected)
+        assert not torch.equal(parts[0], parts[1])
+    # one process: exactly plain torch.rand
+    torch.manual_seed(5)
+    a = BatchShard().rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(a, torch.rand(4))
+
+
+def test_sync_batchnorm_swaps_trainable_norms_and_back_keeping_the_weights():
+    frozen = nn.BatchNorm2d(3).requires_grad_(False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(frozen))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[1].weight
+    sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], _AllReduceBatchNorm2d) and model[1].weight is weight
+    assert model[2][0] is frozen  # a frozen encoder's norms stay as they are
+    unsync_batchnorm(model)
+    assert type(model[1]) is nn.BatchNorm2d and model[1].weight is weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_preloaded_data_trains_what_streamed_data_trains():
+    torch.set_num_threads(2)
+    data = PlantedPatterns(96, patch=12, seed=0)
+    runs = [fit_explainer(PatternClassifier(patch=12), data, encoder="small", encoder_kwargs={"widths": [8, 16, 16]},
+                          epochs=2, batch_size=32, seed=0, progress=False, preload=preload)
+            for preload in (False, True)]
+    streamed, preloaded = (r.state_dict() for r in runs)
+    assert all(torch.equal(streamed[k], preloaded[k]) for k in streamed)
