@@ -34,3 +34,27 @@ def test_evaluate_on_a_handful_of_images(tmp_path):
                 "| iterative mask", "| this library's explainer |", "Command: `python benchmarks/evaluate.py"):
         assert row in table
     assert (tmp_path / "out" / "figure.jpg").stat().st_size > 1000
+
+
+def _benchmark(script: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_speed_benchmark_runs_with_the_gpu_options_it_offers():
+    # the options the GPU run uses, on the CPU: so the owed GPU command cannot rot unseen
+    out = _benchmark("speed.py", "--batch-size", "2", "--repeats", "1", "--optimize-steps", "1", "--channels-last")
+    for row in ("| classifier forward (EfficientNet-Lite0) |", "| explainer, resnet50 encoder (channels-last) |",
+                "| explainer, efficientnet_lite0 encoder (channels-last) |", "| gradient saliency |",
+                "| iterative mask, 1 steps |", "Command: `python benchmarks/speed.py"):
+        assert row in out
+
+
+def test_training_throughput_benchmark_runs():
+    out = _benchmark("train_throughput.py", "--cifar-batch", "8", "--imagenet-batch", "2", "--steps", "1", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "set-up" not in line and "---" not in line]
+    assert len(rows) == 3 and all(float(row.split("|")[3]) > 0 for row in rows)
+    assert "Command: `python benchmarks/train_throughput.py --device cpu --cifar-batch 8" in out

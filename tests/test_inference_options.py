@@ -42,6 +42,11 @@ def test_bad_dtype(explainer):
         explainer.for_inference(dtype=torch.int8)
 
 
+def test_bad_compile_mode(explainer):
+    with pytest.raises(ValueError, match="compile: expected True, False or one of"):
+        explainer.for_inference(compile="fastest")
+
+
 @pytest.mark.slow
 def test_compiled_matches_float32(explainer):
     images, ids = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
