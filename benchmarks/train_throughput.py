@@ -33,18 +33,19 @@ from blackbox_saliency.classifiers import CifarResNet
 
 
 class RandomImages(Dataset):
-    """``n`` random images of one size with random labels, in memory."""
+    """``n`` images of one size with random labels, drawn from a pool of ``pool`` random images
+    held in memory (a long epoch without gigabytes of noise)."""
 
-    def __init__(self, n: int, size: int, num_classes: int):
+    def __init__(self, n: int, size: int, num_classes: int, pool: int = 512):
         generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(n, 3, size, size, generator=generator)
+        self.pool = torch.randn(min(n, pool), 3, size, size, generator=generator)
         self.labels = torch.randint(0, num_classes, (n,), generator=generator).tolist()
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
+        return self.pool[index % len(self.pool)], self.labels[index]
 
 
 def sync(device: str) -> None:
@@ -87,14 +88,14 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = []
-    cifar = RandomImages(max(cifar_batch * (long + 1), 1024), 32, 10)
+    cifar = RandomImages(cifar_batch * (long + 1), 32, 10, pool=50_000)
     cifar_classifier = CifarResNet().eval()
     for preload in (True, False):
         rate, peak = measure(cifar_classifier, cifar, short, long, cifar_batch, args.device, encoder="small",
                              preload=preload, num_workers=0 if preload else args.num_workers)
         rows.append((f"CIFAR-10 variant, 32 px, small encoder, data {'preloaded' if preload else 'streamed'}",
                      cifar_batch, rate, peak))
-    imagenet = RandomImages(imagenet_batch * 4, 224, 1000)
+    imagenet = RandomImages(imagenet_batch * (long + 1), 224, 1000, pool=256)
     imagenet_classifier = timm.create_model("resnet50", pretrained=False).eval()
     rate, peak = measure(imagenet_classifier, imagenet, short, long, imagenet_batch, args.device, encoder="resnet50",
                          pretrained_encoder=False, freeze_encoder=True, num_workers=args.num_workers)

@@ -9,7 +9,9 @@ them through a resize.
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,22 +25,37 @@ DEFAULT_CACHE = Path(os.environ.get("BLACKBOX_SALIENCY_CACHE", Path.home() / ".c
 
 
 def extract_pack(pack: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Unpack ``pack`` into ``cache_dir/<pack name>`` once (a marker file records completion,
-    so an interrupted extraction is redone) and return that folder."""
+    """Unpack ``pack`` into ``cache_dir/<pack name>`` once and return that folder.
+
+    The pack is unpacked into a temporary folder that is then renamed into place, so the folder
+    appears complete or not at all: an interrupted extraction is redone, and several processes
+    (``torchrun``) may call this at once."""
     pack = Path(pack)
     if not pack.is_file():
         raise FileNotFoundError(f"pack: {pack} does not exist")
     target = Path(cache_dir or DEFAULT_CACHE) / pack.name.replace(".tar.gz", "").replace(".tgz", "")
     marker = target / ".extracted"
-    if not marker.exists():
-        target.mkdir(parents=True, exist_ok=True)
+    if marker.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
         with tarfile.open(pack) as tar:
             members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
             for m in members:  # never write outside the target folder
                 if m.name.startswith(("/", "..")) or ".." in Path(m.name).parts:
                     raise ValueError(f"pack: {pack} has an unsafe path {m.name!r}")
-            tar.extractall(target, members=members)
-        marker.write_text("ok\n")
+            tar.extractall(scratch, members=members)
+        (scratch / marker.name).write_text("ok\n")
+        if target.exists() and not marker.exists():  # left half-written by an older version
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(scratch, target)
+        except OSError:
+            if not marker.exists():  # not another process finishing first: a real failure
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

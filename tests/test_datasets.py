@@ -1,5 +1,6 @@
 import io
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -44,6 +45,21 @@ def test_extract_pack_refuses_unsafe_paths(tmp_path):
     with pytest.raises(ValueError, match="unsafe path"):
         extract_pack(pack, tmp_path / "cache")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_extract_pack_is_safe_to_call_from_several_processes_at_once(tmp_path):
+    files = {f"pack/file_{i}.bin": bytes([i]) * 20_000 for i in range(50)}
+    pack = _pack(tmp_path / "pack.tar.gz", files)
+    cache = tmp_path / "cache"
+    (cache / "pack").mkdir(parents=True)
+    (cache / "pack" / "half-written").write_text("an interrupted extraction left this")
+    with ProcessPoolExecutor(4) as pool:
+        folders = list(pool.map(extract_pack, [pack] * 4, [cache] * 4))
+    assert len(set(folders)) == 1
+    folder = folders[0]
+    assert all((folder / name).read_bytes() == data for name, data in files.items())
+    assert not (folder / "half-written").exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["pack"]  # no scratch folders left
 
 
 def test_scale_boxes():

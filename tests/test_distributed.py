@@ -112,3 +112,24 @@ def test_preloaded_data_trains_what_streamed_data_trains():
             for preload in (False, True)]
     streamed, preloaded = (r.state_dict() for r in runs)
     assert all(torch.equal(streamed[k], preloaded[k]) for k in streamed)
+
+
+class _Huge(torch.utils.data.Dataset):
+    """A billion images that are never read: only the first, to learn their size."""
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, index):
+        return torch.zeros(3, 32, 32), 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_preload_on_gpu_trains_and_refuses_what_does_not_fit():
+    data = PlantedPatterns(96, patch=12, seed=0)
+    explainer = fit_explainer(PatternClassifier(patch=12), data, encoder="small", encoder_kwargs={"widths": [8, 16, 16]},
+                              epochs=2, batch_size=32, device="cuda", progress=False, preload=True)
+    assert explainer.device.type == "cuda"
+    with pytest.raises(ValueError, match="preload: the dataset takes"):
+        fit_explainer(PatternClassifier(patch=12), _Huge(), encoder="small", device="cuda", progress=False, preload=True)
