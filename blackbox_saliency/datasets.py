@@ -39,6 +39,7 @@ def extract_pack(pack: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    scratch.chmod(0o755)  # mkdtemp's 0700 would hide the folder from everyone else
     try:
         with tarfile.open(pack) as tar:
             members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
