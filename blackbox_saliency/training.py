@@ -206,6 +206,8 @@ def fit_explainer(
         raise ValueError(f"batch_size: {batch_size} is larger than the dataset ({len(dataset)} items)")
     if not 0.0 <= fake_label_prob < 1.0:
         raise ValueError(f"fake_label_prob: must be in [0, 1), got {fake_label_prob}")
+    if not isinstance(preload, bool):
+        raise TypeError(f"preload: expected True or False, got {preload!r}")
     if selector not in ("label", "prediction"):
         raise ValueError(f"selector: expected 'label' or 'prediction', got {selector!r}")
     if isinstance(objective, dict):

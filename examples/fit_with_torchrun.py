@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="the small encoder's widths")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("explainer-torchrun"))
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from here, with any number of processes")
     parser.add_argument("--float64", action="store_true",
@@ -43,7 +44,7 @@ def main() -> None:
     train, test = PlantedPatterns(args.train_images, patch=12, seed=0), PlantedPatterns(200, patch=12, seed=1)
     explainer = fit_explainer(
         PatternClassifier(patch=12), train, encoder="small", encoder_kwargs={"widths": args.widths},
-        epochs=1000, max_steps=args.steps, batch_size=args.batch_size, device=args.device, seed=0,
+        epochs=1000, max_steps=args.steps, batch_size=args.batch_size, device=args.device, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same explainer; one writes it

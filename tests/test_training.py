@@ -88,6 +88,8 @@ def test_bad_arguments(tmp_path):
         _fit(batch_size=0)
     with pytest.raises(ValueError, match="resume"):
         _fit(resume=True)
+    with pytest.raises(TypeError, match="preload: expected True or False"):
+        _fit(preload="yes")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PermissionError, match="checkpoint_dir"):
