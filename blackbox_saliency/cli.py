@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--checkpoint-dir", type=Path, default=None)
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images, per process")
+    fit.add_argument("--preload", action="store_true", help="decode every image once and keep them on the device")
     fit.add_argument("--out", type=Path, required=True, help="folder to save the trained explainer in")
 
     push = sub.add_parser("push", help="upload a saved explainer folder to the Hugging Face Hub",
@@ -145,11 +148,14 @@ def _fit(args: argparse.Namespace) -> int:
     dataset = ImageFolder(str(args.data), transform=preprocess)
     explainer = fit_explainer(
         model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed,
-        pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps, selector="prediction",
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
+        preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
+        selector="prediction",
         classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                          "std": list(model.pretrained_cfg["std"])},
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has it; one saves
+        return 0
     explainer.save_pretrained(args.out)
     print(f"saved explainer to {args.out}")
     return 0

@@ -66,7 +66,7 @@ def test_cli_fit_then_explain_with_the_explainer(imagenet_samples, tmp_path):
         (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / f"c{i % 2}" / f.name).write_bytes(f.read_bytes())
     code = main(["fit", str(tmp_path / "data"), "--encoder", "small", "--max-steps", "2", "--batch-size", "2",
-                 "--out", str(tmp_path / "explainer")])
+                 "--preload", "--out", str(tmp_path / "explainer")])
     assert code == 0
     explainer = Explainer.from_pretrained(tmp_path / "explainer")
     assert explainer.num_classes == 1000 and explainer.config["classifier"]["name"] == "efficientnet_lite0"
