@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.transforms.v2 import functional as TF
+import torch.nn.functional as F
 
 from ._distributed import LOCAL, BatchShard
 
@@ -31,17 +31,24 @@ def blur_sigma_for(height: int, width: int) -> float:
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)`` images with reflect padding.
+    """Gaussian blur of ``(N, C, H, W)`` images with reflect padding, as two 1-D passes.
 
-    The kernel covers three sigmas but never more than the image (reflect padding needs the
-    padding to be smaller than the image).
+    The same result as ``torchvision``'s ``gaussian_blur`` (which convolves with the full 2-D
+    kernel): at the paper's sigma of 10 on 224 px images the kernel is 61 wide, and two 1-D
+    passes cost 122 multiply-adds a pixel instead of 3,721. The kernel covers three sigmas but
+    never more than the image (reflect padding needs the padding to be smaller than the image).
     """
     height, width = images.shape[-2:]
     radius = min(int(math.ceil(3.0 * sigma)), height - 1, width - 1)
     if radius < 1 or sigma <= 0:
         return images
-    size = 2 * radius + 1
-    return TF.gaussian_blur(images, kernel_size=[size, size], sigma=[sigma, sigma])
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    c = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def random_colour_noise(

@@ -80,6 +80,16 @@ def test_blur_removes_high_frequencies():
     assert blurred.abs().max() < 0.05 * checker.abs().max()
 
 
+@pytest.mark.parametrize("size, sigma", [((224, 224), 10.0), ((32, 48), 1.5), ((12, 12), 10.0)])
+def test_blur_equals_torchvisions_two_dimensional_blur(size, sigma):
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randn(2, 3, *size)
+    radius = min(math.ceil(3 * sigma), size[0] - 1, size[1] - 1)
+    expected = TF.gaussian_blur(images, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+    torch.testing.assert_close(gaussian_blur(images, sigma), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_reaches_the_mask():
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     mask = torch.full((2, 1, 8, 8), 0.5, requires_grad=True)
