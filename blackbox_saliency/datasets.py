@@ -15,11 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-__all__ = ["extract_pack", "cifar10", "TinyImageNet", "ImageNetSamples", "imagenet_wnid_to_index", "scale_boxes"]
+__all__ = ["extract_pack", "cifar10", "TinyImageNet", "ImageNetSamples", "DecodedImages", "imagenet_wnid_to_index",
+           "scale_boxes"]
 
 DEFAULT_CACHE = Path(os.environ.get("BLACKBOX_SALIENCY_CACHE", Path.home() / ".cache" / "blackbox-saliency"))
 
@@ -177,3 +181,118 @@ class ImageNetSamples(Dataset):
         with Image.open(self.files[index]) as image:
             image = image.convert("RGB")
         return (self.transform(image) if self.transform else image), self.labels[index]
+
+
+class DecodedImages(Dataset):
+    """Images held decoded in memory as ``uint8`` at their stored size, resized and normalised
+    a whole batch at a time: the data path that keeps a CPU training step fed.
+
+    Decoding a JPEG and resizing it per item, in a loader, is slower on a CPU than the training
+    step itself (measured 1-2 images/s for Tiny ImageNet at 128 px, docs/fit.md); here each image
+    is decoded once, and :meth:`batch` indexes the ``uint8`` tensor, crops and resizes on the
+    tensor. :func:`~blackbox_saliency.fit_explainer` reads a dataset that has ``batch`` a batch at
+    a time, with no DataLoader.
+
+    Args:
+        images: ``(N, C, h, w)`` ``uint8`` tensor, all of one stored size.
+        labels: ``N`` integer class ids.
+        size: the size ``(H, W)`` (or one int) the classifier takes; images are resized to it.
+        mean, std: per-channel normalisation of values in ``[0, 1]``, as the classifier expects.
+        crop_scale: in :meth:`batch` (training), each image is a random square crop covering a
+            share of the image drawn from this range, resized to ``size`` (scale augmentation;
+            ``(1, 1)``: the whole image). Items read with ``dataset[i]`` are always whole.
+
+    Example:
+        >>> data = DecodedImages(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), [0, 1, 2, 3], size=128)
+        >>> images, labels = data.batch(torch.tensor([0, 2]))
+        >>> tuple(images.shape), labels.tolist()
+        ((2, 3, 128, 128), [0, 2])
+    """
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor, size: int | Sequence[int],
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 crop_scale: tuple[float, float] = (1.0, 1.0)):
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise TypeError(f"images: expected a uint8 tensor (N, C, h, w), got {got}")
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels: expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"size: expected an int or (H, W), got {size!r}")
+        lo, hi = crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale: expected 0 < low <= high <= 1, got {crop_scale!r}")
+        c = images.shape[1]
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean, std: expected {c} values each, got {len(mean)} and {len(std)}")
+        self.images, self.labels, self.size, self.crop_scale = images, labels, size, (float(lo), float(hi))
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+
+    @classmethod
+    def decode(cls, dataset: Dataset, size: int | Sequence[int], mean: Sequence[float] = (0.5, 0.5, 0.5),
+               std: Sequence[float] = (0.5, 0.5, 0.5), crop_scale: tuple[float, float] = (1.0, 1.0),
+               stored_size: int | Sequence[int] | None = None, progress: bool = True) -> "DecodedImages":
+        """Decode every item of a dataset of ``(PIL image, label)`` (such as :class:`TinyImageNet`,
+        :class:`ImageNetSamples` or an ``ImageFolder`` without a transform) once. Images not of
+        ``stored_size`` (default: the first image's) are resized to it as they are decoded."""
+        first = dataset[0][0]
+        if not isinstance(first, Image.Image):
+            raise TypeError(f"dataset: expected items (PIL image, label) with no transform, got {type(first).__name__}")
+        if stored_size is None:
+            stored = (first.height, first.width)
+        else:
+            stored = (stored_size, stored_size) if isinstance(stored_size, int) else tuple(stored_size)
+        images = torch.empty(len(dataset), 3, *stored, dtype=torch.uint8)
+        labels = []
+        for i in tqdm(range(len(dataset)), disable=not progress, desc="decoding", unit="image"):
+            image, label = dataset[i]
+            image = image.convert("RGB")
+            if (image.height, image.width) != stored:
+                image = image.resize((stored[1], stored[0]), Image.BICUBIC)
+            images[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            labels.append(int(label))
+        return cls(images, labels, size, mean, std, crop_scale)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> "DecodedImages":
+        """The same images at ``indices`` (copied), with the same size, normalisation and crops."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        c = self.images.shape[1]
+        return DecodedImages(self.images[indices], self.labels[indices], self.size, self._mean.view(c).tolist(),
+                             self._std.view(c).tolist(), self.crop_scale)
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        return (images / 255.0 - self._mean) / self._std
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index : index + 1].float()
+        if tuple(image.shape[-2:]) != self.size:
+            image = F.interpolate(image, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return self._finish(image)[0], int(self.labels[index])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(B, C, H, W)`` (float32, normalised) and labels ``(B,)`` for ``indices``, each
+        image a random crop within ``crop_scale`` (drawn from torch's global generator, so a
+        seeded run repeats) resized to ``size``."""
+        from torchvision.ops import roi_align
+
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[indices].float()
+        lo, hi = self.crop_scale
+        if (lo, hi) == (1.0, 1.0):
+            if tuple(images.shape[-2:]) != self.size:
+                images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            return self._finish(images), self.labels[indices]
+        n, (h, w) = images.shape[0], images.shape[-2:]
+        side = (torch.empty(n).uniform_(lo, hi)).sqrt()  # a square covering this share of the image
+        ch, cw = side * h, side * w
+        y0, x0 = torch.rand(n) * (h - ch), torch.rand(n) * (w - cw)
+        boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
+        # one bilinear sample at each output pixel's centre: a plain crop-and-resize
+        crops = roi_align(images, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        return self._finish(crops), self.labels[indices]
