@@ -43,6 +43,8 @@ class Explainer(nn.Module):
             handed in as a module.
         classifier_info: plain facts about the classifier (name, input size, normalisation,
             class names), kept in the config.
+        class_filter: ``"all"`` (default) filters the skip connections by the class as well as
+            the bottleneck; ``"bottleneck"`` is the paper's (see :class:`MaskingModel`).
 
     Example:
         >>> explainer = Explainer(num_classes=10, encoder="small", encoder_kwargs={"widths": [8, 16, 32]})
@@ -63,6 +65,7 @@ class Explainer(nn.Module):
         freeze_encoder: bool | None = None,
         objective: dict[str, float] | None = None,
         classifier_info: dict[str, Any] | None = None,
+        class_filter: str = "all",
     ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
@@ -77,7 +80,7 @@ class Explainer(nn.Module):
         if freeze_encoder is None:
             freeze_encoder = bool(pretrained_encoder) or isinstance(encoder, nn.Module)
         self.masking_model = MaskingModel(
-            module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder
+            module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter
         )
         self.config: dict[str, Any] = {
             "format": CONFIG_FORMAT,
@@ -90,6 +93,7 @@ class Explainer(nn.Module):
             "width_multiplier": width_multiplier,
             "num_bottlenecks": num_bottlenecks,
             "freeze_encoder": freeze_encoder,
+            "class_filter": class_filter,
             "objective": dict(objective or {}),
             "classifier": dict(classifier_info or {}),
         }
@@ -177,7 +181,9 @@ class Explainer(nn.Module):
         _validate_config(config)
         keys = ("num_classes", "encoder", "encoder_kwargs", "in_chans", "mask_reduction", "width_multiplier",
                 "num_bottlenecks", "freeze_encoder", "objective")
-        explainer = cls(**{k: config[k] for k in keys}, pretrained_encoder=False, classifier_info=config.get("classifier"))
+        # explainers saved before class_filter existed filtered the bottleneck only
+        explainer = cls(**{k: config[k] for k in keys}, pretrained_encoder=False, classifier_info=config.get("classifier"),
+                        class_filter=config.get("class_filter", "bottleneck"))
         for key in ("training", "training_data", "evaluation"):
             if key in config:
                 explainer.config[key] = config[key]
@@ -331,6 +337,8 @@ def _validate_config(config: object) -> None:
     unknown = sorted(set(config["encoder_kwargs"]) - allowed)
     if unknown:  # e.g. timm's checkpoint_path would load a file named by a stranger's config
         raise ValueError(f"config: encoder_kwargs {unknown} are not allowed; allowed: {sorted(allowed)}")
+    if config.get("class_filter", "bottleneck") not in ("bottleneck", "all"):
+        raise ValueError(f"config: class_filter must be 'bottleneck' or 'all', got {config.get('class_filter')!r}")
     if not isinstance(config.get("classifier", {}), dict):
         raise ValueError("config: classifier must be an object")
     from .objective import SaliencyObjective

@@ -24,6 +24,9 @@ class MaskOutput(NamedTuple):
     """``(N, 1, H/r, W/r)``: the mask as produced (``r`` is ``mask_reduction``), before upsampling."""
     selector_logit: torch.Tensor
     """``(N,)``: ``max_ij X_ij^T C_s``, high when class ``s`` is present (the embedding speed-up)."""
+    class_logits: torch.Tensor | None = None
+    """``(N, K)``: ``max_ij X_ij^T C_k`` for every class ``k``, in training mode only (the
+    presence loss that teaches the embedding which classes an image holds)."""
 
 
 class FeatureFilter(nn.Module):
@@ -34,10 +37,18 @@ class FeatureFilter(nn.Module):
         self.embedding = nn.Embedding(num_classes, channels)
         nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(channels))
 
-    def forward(self, features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``max_ij X_ij^T C_k`` for every class ``k``: ``(N, K)``."""
+        logits = torch.einsum("nchw,kc->nkhw", features, self.embedding.weight.to(features.dtype))
+        return logits.flatten(2).amax(2)
+
+    def forward(self, features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Filtered features, the attention ``sigmoid(X_ij^T C_s)`` ``(N, 1, h, w)`` and the
+        per-image ``max_ij X_ij^T C_s``."""
         selector = self.embedding(class_ids)  # (N, C)
-        logits = torch.einsum("nchw,nc->nhw", features, selector.to(features.dtype))
-        return features * torch.sigmoid(logits).unsqueeze(1), logits.flatten(1).amax(1)
+        logits = torch.einsum("nchw,nc->nhw", features, selector.to(features.dtype)).unsqueeze(1)
+        attention = torch.sigmoid(logits)
+        return features * attention, attention, logits.flatten(1).amax(1)
 
 
 class _Bottleneck(nn.Module):
@@ -79,11 +90,21 @@ class Upsampler(nn.Module):
         return self.bottlenecks(self.mix(torch.cat([self.up(x), skip], dim=1)))
 
 
+CLASS_FILTERS = ("bottleneck", "all")
+
+
 class MaskingModel(nn.Module):
     """Encoder + feature filter + upsamplers + two-channel head, mask ``|C0| / (|C0| + |C1|)``.
 
     Decoder widths derive from the encoder: each upsampler has ``width_multiplier`` times the
     channels of the encoder map it joins (0.75 gives the paper's 768/384/192 on ResNet-50).
+
+    ``class_filter``: where the class selects features. ``"bottleneck"`` is the paper's: only
+    the coarsest map passes the feature filter, and the skip connections reach the decoder
+    unfiltered, so it can draw a mask from them whatever class is asked for. ``"all"`` also
+    multiplies every skip map by the filter's attention ``sigmoid(X_ij^T C_s)``, upsampled to
+    that map's size: where the class is not seen, no feature reaches the decoder at any scale
+    (measured in docs/objective.md: this is what makes masks empty for an absent class).
 
     Example:
         >>> from blackbox_saliency.encoders import SmallEncoder
@@ -101,8 +122,12 @@ class MaskingModel(nn.Module):
         width_multiplier: float = 0.75,
         num_bottlenecks: int = 1,
         freeze_encoder: bool = False,
+        class_filter: str = "all",
     ):
         super().__init__()
+        if class_filter not in CLASS_FILTERS:
+            raise ValueError(f"class_filter: expected one of {CLASS_FILTERS}, got {class_filter!r}")
+        self.class_filter = class_filter
         if num_classes < 2:
             raise ValueError(f"num_classes: need at least 2 classes, got {num_classes}")
         channels, reductions = encoder_pyramid(encoder)
@@ -139,17 +164,31 @@ class MaskingModel(nn.Module):
             self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
         return self
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> MaskOutput:
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         height, width = images.shape[-2:]
         pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
         if pad_h or pad_w:  # any size works: pad to a multiple of the encoder's stride, crop after
             images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            features = self.encoder(images)
-        x, selector_logit = self.feature_filter(features[-1], class_ids)
+            return self.encoder(images)
+
+    def presence(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` class logits ``max_ij X_ij^T C_k`` of the feature filter, without the
+        decoder: what the embedding stage of training trains."""
+        return self.feature_filter.class_logits(self._features(images)[-1]).float()
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> MaskOutput:
+        height, width = images.shape[-2:]
+        features = self._features(images)
+        x, attention, selector_logit = self.feature_filter(features[-1], class_ids)
+        class_logits = self.feature_filter.class_logits(features[-1]).float() if self.training else None
         for i, upsampler in zip(self._skip_indices, self.upsamplers):
-            x = upsampler(x, features[i])
+            skip = features[i]
+            if self.class_filter == "all":
+                skip = skip * F.interpolate(attention, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = upsampler(x, skip)
         c0, c1 = self.head(x).float().abs().unbind(1)
         low_res = (c0 / (c0 + c1 + 1e-6)).unsqueeze(1)
-        mask = F.interpolate(low_res, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return MaskOutput(mask[..., :height, :width].clamp(0, 1), low_res, selector_logit.float())
+        padded = (height + (-height) % self.stride, width + (-width) % self.stride)
+        mask = F.interpolate(low_res, size=padded, mode="bilinear", align_corners=False)
+        return MaskOutput(mask[..., :height, :width].clamp(0, 1), low_res, selector_logit.float(), class_logits)
