@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["planted_patterns", "PlantedPatterns", "PatternClassifier", "mask_boxes", "box_iou"]
+__all__ = ["planted_patterns", "PlantedPatterns", "PatternClassifier", "PatternCNN", "train_pattern_cnn", "mask_boxes",
+           "box_iou"]
 
 
 def planted_patterns(patch: int = 8) -> torch.Tensor:
@@ -42,10 +43,13 @@ class PlantedPatterns(Dataset):
         ((3, 32, 32), True)
     """
 
-    def __init__(self, n: int, size: int = 32, patch: int = 8, seed: int = 0, amplitude: float = 0.8):
+    def __init__(self, n: int, size: int = 32, patch: int = 8, seed: int = 0, amplitude: float = 0.8,
+                 noise: float = 0.0):
         g = torch.Generator().manual_seed(seed)
         coarse = torch.randn(n, 3, 4, 4, generator=g) * 0.5
         background = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        if noise:  # pixel noise: a textured background the patterns must be told apart from
+            background = background + noise * torch.randn(n, 3, size, size, generator=g)
         self.labels = torch.randint(0, 4, (n,), generator=g)
         xs = torch.randint(0, size - patch + 1, (n,), generator=g)
         ys = torch.randint(0, size - patch + 1, (n,), generator=g)
@@ -78,6 +82,38 @@ class PatternClassifier(nn.Module):
         response = F.conv2d(images, self.weight.to(images.dtype))
         return self.scale * response.flatten(2).amax(2)
 
+
+
+class PatternCNN(nn.Module):
+    """A small learned classifier for :class:`PlantedPatterns`: three 3x3 conv layers and a
+    global max pool, so its answer rests on where a pattern is found (trained with
+    :func:`train_pattern_cnn`; unlike :class:`PatternClassifier` it is not built by hand)."""
+
+    def __init__(self, num_classes: int = 4, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, num_classes, 3, padding=1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images).flatten(2).amax(2)
+
+
+def train_pattern_cnn(data: PlantedPatterns, steps: int = 400, batch_size: int = 64, seed: int = 0) -> PatternCNN:
+    """Train a :class:`PatternCNN` on ``data`` with Adam (a few seconds on a CPU); eval mode."""
+    torch.manual_seed(seed)
+    model = PatternCNN(num_classes=int(data.labels.max()) + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, len(data), (batch_size,), generator=g)
+        loss = F.cross_entropy(model(data.images[rows]), data.labels[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 def mask_boxes(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -41,13 +41,22 @@ def test_same_seed_same_weights_on_cpu():
 
 
 def test_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path):
-    full = _fit(seed=3, epochs=2).state_dict()
-    _fit(seed=3, epochs=2, max_steps=5, checkpoint_dir=tmp_path, checkpoint_every=2)
+    # max_steps stands in for an interruption; the embedding stage is given so both runs share it
+    full = _fit(seed=3, epochs=2, embedding_steps=2).state_dict()
+    _fit(seed=3, epochs=2, embedding_steps=2, max_steps=5, checkpoint_dir=tmp_path, checkpoint_every=2)
     assert (tmp_path / "last.pt").exists()
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]  # atomic writes leave no litter
-    resumed = _fit(seed=3, epochs=2, checkpoint_dir=tmp_path, resume=True)
+    resumed = _fit(seed=3, epochs=2, embedding_steps=2, checkpoint_dir=tmp_path, resume=True)
     assert resumed.config["training"]["steps"] == 8
     assert all(torch.allclose(full[k].float(), resumed.state_dict()[k].float(), atol=1e-5) for k in full)
+
+
+def test_a_resumed_run_keeps_the_embedding_stage_it_started_with(tmp_path):
+    # auto: a quarter of the run; the first command's run is 4 steps (stage 1), the second's 8
+    _fit(seed=3, epochs=2, max_steps=4, checkpoint_dir=tmp_path)
+    resumed = _fit(seed=3, epochs=2, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.config["training"]["embedding_steps_run"] == 1
+    assert _fit(seed=3, epochs=2).config["training"]["embedding_steps_run"] == 2
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -112,4 +121,4 @@ def test_fit_on_gpu_with_mixed_precision():
 def test_collapsed_masks_are_reported():
     # a classifier with nothing to find: the area term wins and masks go empty
     with pytest.warns(UserWarning, match="masks ended empty"):
-        _fit(ConstantLogits([0.0, 0.0, 0.0, 0.0]), epochs=40, lr=0.01)
+        _fit(ConstantLogits([0.0, 0.0, 0.0, 0.0]), epochs=80, lr=0.01)

@@ -1,0 +1,156 @@
+"""What makes CPU training fast and class-selective: in-memory batches, bf16 and channels-last,
+the embedding stage, the presence loss, and the class filter on every scale."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from blackbox_saliency import Explainer, fit_explainer
+from blackbox_saliency.datasets import DecodedImages
+from blackbox_saliency.evidence import gaussian_blur
+from blackbox_saliency.masking_model import MaskingModel
+from blackbox_saliency.encoders import SmallEncoder
+from blackbox_saliency.training import presence_loss
+
+from conftest import SMALL, tiny_cnn
+
+
+def _decoded(n=16, size=32, stored=16, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, stored, stored), dtype=torch.uint8, generator=g)
+    return DecodedImages(images, torch.arange(n) % 4, size=size, **kwargs)
+
+
+def test_decoded_images_normalise_and_resize_like_a_float_pipeline():
+    data = _decoded(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    images, labels = data.batch(torch.tensor([3, 5]))
+    expected = F.interpolate(data.images[[3, 5]].float() / 255, size=(32, 32), mode="bilinear", align_corners=False,
+                             antialias=True)
+    expected = (expected - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    assert torch.allclose(images, expected, atol=1e-5) and labels.tolist() == [3, 1]
+    item, label = data[5]
+    assert torch.allclose(item, expected[1], atol=1e-5) and label == 1
+
+
+def test_random_crops_are_crops_and_repeat_under_a_seed():
+    # a horizontal ramp: any square crop resized keeps increasing from left to right
+    ramp = torch.arange(16, dtype=torch.uint8).mul(16).view(1, 1, 1, 16).expand(4, 3, 16, 16).contiguous()
+    data = DecodedImages(ramp, [0, 1, 2, 3], size=24, crop_scale=(0.25, 0.5))
+    torch.manual_seed(1)
+    a, _ = data.batch(torch.arange(4))
+    torch.manual_seed(1)
+    b, _ = data.batch(torch.arange(4))
+    assert torch.equal(a, b)
+    whole, _ = DecodedImages(ramp, [0, 1, 2, 3], size=24).batch(torch.arange(4))
+    rows = a[:, 0, 12]
+    assert (rows[:, 1:] >= rows[:, :-1] - 1e-5).all()
+    # a crop of a quarter to a half of the area spans less of the ramp than the whole image
+    assert ((rows[:, -1] - rows[:, 0]) < (whole[:, 0, 12, -1] - whole[:, 0, 12, 0]) - 0.1).all()
+
+
+def test_decode_from_pil_items_and_subset():
+    items = [(Image.new("RGB", (20, 10) if i == 2 else (10, 10), (i * 40, 0, 0)), i) for i in range(4)]
+    data = DecodedImages.decode(items, size=10, progress=False)
+    assert data.images.shape == (4, 3, 10, 10) and data.labels.tolist() == [0, 1, 2, 3]
+    assert int(data.images[3, 0, 5, 5]) == 120
+    part = data.subset([3, 1])
+    assert part.labels.tolist() == [3, 1] and torch.equal(part.images[0], data.images[3])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"images": torch.zeros(2, 3, 8, 8)}, "images: expected a uint8"),
+    ({"labels": [0]}, "labels: expected 2"),
+    ({"size": (0, 4)}, "size"),
+    ({"crop_scale": (0.5, 1.5)}, "crop_scale"),
+    ({"mean": (0.5,)}, "mean, std"),
+])
+def test_decoded_images_bad_arguments(kwargs, match):
+    args = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "labels": [0, 1], "size": 8}
+    args.update(kwargs)
+    with pytest.raises((TypeError, ValueError), match=match):
+        DecodedImages(**args)
+
+
+def test_fit_reads_whole_batches_from_a_batch_dataset():
+    data = _decoded(n=32, size=32)
+    calls = []
+    original = data.batch
+
+    def spy(indices):
+        calls.append(len(indices))
+        return original(indices)
+
+    data.batch = spy
+    fit_explainer(tiny_cnn(), data, epochs=1, batch_size=8, max_steps=3, progress=False, **SMALL)
+    assert calls == [8, 8, 8]
+
+
+def test_blur_in_bf16_and_channels_last_matches_float32():
+    x = torch.randn(2, 3, 40, 40)
+    reference = gaussian_blur(x, 3.0)
+    fast = gaussian_blur(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), 3.0)
+    assert fast.dtype == torch.bfloat16 and (fast.float() - reference).abs().max() < 0.05
+
+
+def test_presence_loss_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.0]])
+    # present: softplus(-2); absent: mean of softplus(-1) and softplus(0); halves of each
+    expected = 0.5 * (F.softplus(torch.tensor(-2.0)) + 0.5 * (F.softplus(torch.tensor(-1.0)) + F.softplus(torch.tensor(0.0))))
+    assert torch.allclose(presence_loss(logits, torch.tensor([0])), expected)
+
+
+def test_embedding_stage_trains_only_the_embedding_and_encoder():
+    torch.manual_seed(0)
+    reference = Explainer(4, **SMALL).state_dict()
+    explainer = fit_explainer(tiny_cnn(), _decoded(n=32), epochs=10, batch_size=8, max_steps=4, embedding_steps=4,
+                              progress=False, **SMALL)
+    state = explainer.state_dict()
+    changed = {k for k, v in state.items() if v.is_floating_point() and not torch.equal(v, reference[k])}
+    assert any(k.startswith("masking_model.feature_filter") for k in changed)
+    assert any(k.startswith("masking_model.encoder") for k in changed)
+    assert not any(k.startswith(("masking_model.upsamplers", "masking_model.head")) for k in changed)
+
+
+def test_filter_on_every_scale_blocks_skip_features_where_the_class_is_not_seen():
+    torch.manual_seed(0)
+    model = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=3, class_filter="all").eval()
+    with torch.no_grad():
+        model.feature_filter.embedding.weight[1] = -100.0  # class 1 is seen nowhere: attention 0
+        x = torch.randn(2, 3, 32, 32)
+        seen = model(x, torch.tensor([1, 1])).mask
+        other = model(x + torch.randn_like(x), torch.tensor([1, 1])).mask
+    # with every feature filtered out, the mask no longer depends on the image
+    assert torch.allclose(seen, other, atol=1e-4)
+    paper = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=3, class_filter="bottleneck").eval()
+    with torch.no_grad():
+        paper.feature_filter.embedding.weight[1] = -100.0
+        assert not torch.allclose(paper(x, torch.tensor([1, 1])).mask, paper(x + torch.randn_like(x), torch.tensor([1, 1])).mask)
+
+
+def test_old_configs_load_with_the_papers_filter():
+    config = Explainer(4, **SMALL).config
+    config.pop("class_filter")
+    assert Explainer.from_config(config).masking_model.class_filter == "bottleneck"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"precision": "fp16"}, "precision"),
+    ({"channels_last": "yes"}, "channels_last"),
+    ({"embedding_loss": "max"}, "embedding_loss"),
+    ({"embedding_steps": -1}, "embedding_steps"),
+    ({"class_filter": "skips"}, "class_filter"),
+])
+def test_bad_training_options_are_named(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        fit_explainer(tiny_cnn(), _decoded(n=8), epochs=1, batch_size=4, progress=False, **SMALL, **kwargs)
+
+
+def test_fp32_and_bf16_training_both_run_and_restore_the_classifier_layout():
+    classifier = tiny_cnn()
+    for precision in ("fp32", "bf16"):
+        explainer = fit_explainer(classifier, _decoded(n=16), epochs=1, batch_size=8, precision=precision,
+                                  channels_last=True, progress=False, **SMALL)
+        assert explainer.config["training"]["precision"] == precision
+        assert classifier[0].weight.is_contiguous()
+        assert next(explainer.parameters()).is_contiguous()
