@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blackbox_saliency import Explainer, fit_explainer
-from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes, train_pattern_cnn
 
 PATCH = 12
 ENCODER = {"encoder": "small", "encoder_kwargs": {"widths": [16, 32, 64]}}
@@ -58,3 +58,30 @@ def test_untrained_explainer_fails_the_same_check(data):
     torch.manual_seed(0)
     untrained = Explainer(num_classes=4, **ENCODER).eval()
     assert _hit_rate(untrained, data[1]) < 0.5
+
+
+# A second planted task with a learned classifier (a different pattern size, a noisy background
+# and a trained CNN): with the paper's one-stage training the masks ignored the class here
+# (absent 0.064, true 0.065; docs/objective.md). The defaults must keep absent masks empty.
+@pytest.fixture(scope="module")
+def learned():
+    torch.set_num_threads(2)
+    train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
+    test = PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11)
+    classifier = train_pattern_cnn(train, steps=400)
+    explainer = fit_explainer(classifier, train, epochs=100, max_steps=1400, embedding_steps=400, seed=0,
+                              progress=False, **ENCODER)
+    return explainer, test
+
+
+def test_learned_classifier_absent_class_gets_an_empty_mask_and_present_one_sits_on_the_pattern(learned):
+    explainer, test = learned
+    with torch.no_grad():
+        masks = explainer(test.images, test.labels)
+        absent = explainer(test.images, (test.labels + 1) % 4)
+    inside = torch.zeros_like(masks, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(test.boxes.tolist()):
+        inside[i, :, y0 : y1 + 1, x0 : x1 + 1] = True
+    # measured 2026-11-25 (bf16 autocast): absent 0.000, true 0.059, inside 0.75, outside 0.03
+    assert absent.mean() <= 0.05 and absent.mean() <= masks.mean() / 5
+    assert masks[inside].mean() > 0.5 and masks[~inside].mean() < 0.1

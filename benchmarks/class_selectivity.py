@@ -1,0 +1,107 @@
+"""Is the explainer class-selective? Side by side on two planted-evidence tasks.
+
+    python benchmarks/class_selectivity.py            # about 10 minutes on 2 CPU cores
+
+Tasks (``blackbox_saliency.testing``):
+
+- ``matched filter``: 32 px, 12 px patterns on smooth backgrounds, the hand-built
+  ``PatternClassifier``;
+- ``learned CNN``: 40 px, 8 px patterns on smooth backgrounds with pixel noise (std 0.15), a
+  ``PatternCNN`` trained for 400 steps (a different pattern size, background and classifier).
+
+Each variant trains an explainer with the small encoder (widths 16/32/64), batch 64, for the
+given steps on 4,000 images and is scored on 300 others: the share whose mask box (mask > 0.5)
+has IoU > 0.5 with the pattern, the share whose mask centroid falls inside it, the mean mask
+inside and outside the pattern, and the mean mask for the true class and for an absent one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+from blackbox_saliency import fit_explainer
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes, train_pattern_cnn
+
+VARIANTS = {
+    "paper's filter (bottleneck only), sampled embedding loss": {"class_filter": "bottleneck", "embedding_loss": "sampled"},
+    "filter on every scale, sampled embedding loss": {"class_filter": "all", "embedding_loss": "sampled"},
+    "filter on every scale, all-class embedding loss": {"class_filter": "all", "embedding_loss": "all_classes"},
+    "filter on every scale, all-class loss, embedding stage first": {"class_filter": "all", "embedding_loss": "all_classes",
+                                                                     "embedding_steps": "stage"},
+    "paper's filter, all-class loss, embedding stage first": {"class_filter": "bottleneck", "embedding_loss": "all_classes",
+                                                              "embedding_steps": "stage"},
+}
+
+
+def tasks(seed: int):
+    train = PlantedPatterns(4000, patch=12, seed=seed)
+    yield "matched filter", train, PlantedPatterns(300, patch=12, seed=seed + 1), PatternClassifier(patch=12)
+    train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=seed + 10)
+    yield ("learned CNN", train, PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=seed + 11),
+           train_pattern_cnn(train, steps=400, seed=seed))
+
+
+def score(explainer, test) -> dict[str, float]:
+    with torch.no_grad():
+        masks = explainer(test.images, test.labels)
+        absent = explainer(test.images, (test.labels + 1) % 4)
+    inside = torch.zeros_like(masks, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(test.boxes.tolist()):
+        inside[i, :, y0 : y1 + 1, x0 : x1 + 1] = True
+    h, w = masks.shape[-2:]
+    weights = masks[:, 0] / masks[:, 0].sum((1, 2), keepdim=True).clamp_min(1e-8)
+    cy = (weights.sum(2) * torch.arange(h)).sum(1)
+    cx = (weights.sum(1) * torch.arange(w)).sum(1)
+    b = test.boxes.float()
+    centroid_in = ((cx >= b[:, 0] - 0.5) & (cx <= b[:, 2] + 0.5) & (cy >= b[:, 1] - 0.5) & (cy <= b[:, 3] + 0.5))
+    centroid_in &= masks.flatten(1).sum(1) > 1e-3 * h * w  # an empty mask points nowhere
+    return {
+        "hit": (box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item(),
+        "centroid": centroid_in.float().mean().item(),
+        "inside": masks[inside].mean().item(),
+        "outside": masks[~inside].mean().item(),
+        "true": masks.mean().item(),
+        "absent": absent.mean().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000, help="mask-stage steps per variant")
+    parser.add_argument("--embedding-steps", type=int, default=400, help="steps of the embedding stage, where used")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None, help="run only the variants whose name starts with this")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="fit_explainer's precision (auto: bf16 on a CPU with native bf16)")
+    args = parser.parse_args()
+    only = f' --only "{args.only}"' if args.only else ""
+    print(f"Command: `python benchmarks/class_selectivity.py --steps {args.steps} --embedding-steps "
+          f"{args.embedding_steps} --precision {args.precision}{only}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; "
+          f"torch {torch.__version__}; date: {date.today()}\n")
+    print("| task | variant | hit rate (IoU > 0.5) | centroid in pattern | mask inside / outside | "
+          "mean mask, true class | mean mask, absent class | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for task, train, test, classifier in tasks(args.seed):
+        for name, options in VARIANTS.items():
+            if args.only and not name.startswith(args.only):
+                continue
+            options = dict(options)
+            stage = args.embedding_steps if options.get("embedding_steps") == "stage" else 0
+            options["embedding_steps"] = stage
+            start = time.time()
+            explainer = fit_explainer(classifier, train, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
+                                      epochs=1000, max_steps=args.steps + stage, seed=args.seed, progress=False,
+                                      precision=args.precision, **options)
+            seconds = time.time() - start
+            r = score(explainer, test)
+            print(f"| {task} | {name} | {r['hit']:.2f} | {r['centroid']:.2f} | {r['inside']:.2f} / {r['outside']:.2f} | "
+                  f"{r['true']:.3f} | {r['absent']:.3f} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
