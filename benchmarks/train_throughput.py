@@ -1,112 +1,154 @@
-"""Training images per second of ``fit_explainer`` on one device, and peak GPU memory.
+"""Training images per second of ``fit_explainer``, end to end from the data packs.
 
-    python benchmarks/train_throughput.py                        # the CPU here (few steps)
-    python benchmarks/train_throughput.py --device cuda          # a GPU
+    python benchmarks/train_throughput.py                    # the CPU here, about 10 minutes
+    python benchmarks/train_throughput.py --device cuda      # a GPU (adds peak memory)
 
-Two set-ups, each the paper's:
+Rows, each the library's own training step fed the library's own way (images decoded once into
+memory as uint8 by ``DecodedImages`` and resized per batch, no loader):
 
-- CIFAR-10 variant: 32 px, the small random-init encoder (3 blocks of 5 convs, widths 64/128/256)
-  against a ResNet-9 classifier, with the data preloaded on the device (``preload=True``) and,
-  for comparison, streamed by a DataLoader.
-- ImageNet-sized: 224 px, a frozen ResNet-50 encoder against a ResNet-50 classifier, streamed.
+- EfficientNet-Lite0 explainer: the Lite0 black box (random weights if the ``lite0`` extra is
+  missing; speed does not depend on them) with its own frozen feature pyramid as the encoder, on
+  Tiny ImageNet train pack a at 128 and 224 px; precision ``auto`` (on this CPU: bf16 autocast
+  and channels-last) against ``fp32`` in the default layout;
+- the embedding stage of the same run (no decoder, no classifier calls);
+- the CIFAR-10 variant: the small random-init encoder (3 blocks of 5 convs, widths 64/128/256)
+  against a ResNet-9 (width 64), on CIFAR-10 train images at 32 px, ``auto`` against ``fp32``.
 
-Images are random tensors held in memory (speed does not depend on their content, and the
-streamed rows then measure the loader's collation, not JPEG decoding; decoding needs enough
-``num_workers``, see docs/distributed.md). Weights are random for the same reason. The rate is
-``(steps_long - steps_short) * batch / (time_long - time_short)`` over two runs, which takes
-out model building, warm-up and ``torch.compile``-free start-up costs.
+The rate is read from the training log (``log_every``): images/s over the steps after the first
+``--warmup``, timed by the training loop itself, so model building and warm-up are not in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
-import time
 from datetime import date
+from pathlib import Path
 
 import timm
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Subset
 
 from blackbox_saliency import fit_explainer
-from blackbox_saliency.classifiers import CifarResNet
+from blackbox_saliency.classifiers import CIFAR10_MEAN, CIFAR10_STD, CifarResNet
+from blackbox_saliency.datasets import DecodedImages, TinyImageNet, cifar10
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-class RandomImages(Dataset):
-    """``n`` images of one size with random labels, drawn from a pool of ``pool`` random images
-    held in memory (a long epoch without gigabytes of noise)."""
+class _Rates(logging.Handler):
+    """Collects the images/s of the training loop's progress lines."""
 
-    def __init__(self, n: int, size: int, num_classes: int, pool: int = 512):
-        generator = torch.Generator().manual_seed(0)
-        self.pool = torch.randn(min(n, pool), 3, size, size, generator=generator)
-        self.labels = torch.randint(0, num_classes, (n,), generator=generator).tolist()
+    def __init__(self):
+        super().__init__()
+        self.rates: list[float] = []
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.pool[index % len(self.pool)], self.labels[index]
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("step ") and record.args:
+            self.rates.append(float(record.args[-1]))
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_fit(classifier, data, steps: int, batch: int, device: str, **kwargs) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fit_explainer(classifier, data, epochs=10_000, max_steps=steps, batch_size=batch, device=device, seed=0,
-                  progress=False, **kwargs)
-    sync(device)
-    return time.perf_counter() - start
-
-
-def measure(classifier, data, short: int, long: int, batch: int, device: str, **kwargs) -> tuple[float, float | None]:
-    """Images per second and peak GPU memory (GiB) of the longer run."""
-    t_short = timed_fit(classifier, data, short, batch, device, **kwargs)
+def measure(classifier, data, batch: int, warmup: int, steps: int, device: str, **kwargs) -> tuple[float, float | None]:
+    """Images per second after ``warmup`` steps (``steps`` more), and peak GPU memory (GiB)."""
+    handler = _Rates()
+    log = logging.getLogger("blackbox_saliency.training")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_long = timed_fit(classifier, data, long, batch, device, **kwargs)
+    try:
+        fit_explainer(classifier, data, epochs=10_000, max_steps=warmup + steps, batch_size=batch, device=device,
+                      seed=0, progress=False, log_every=steps if warmup == 0 else warmup, **kwargs)
+    finally:
+        log.removeHandler(handler)
+    if warmup and steps % warmup:
+        raise ValueError("--steps must be a multiple of --warmup")
+    measured = handler.rates[1:] if warmup else handler.rates
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return (long - short) * batch / (t_long - t_short), peak
+    return sum(measured) / len(measured), peak
+
+
+def lite0(random_weights: bool) -> torch.nn.Module:
+    if not random_weights:
+        try:
+            from blackbox_saliency import load_classifier
+
+            return load_classifier("efficientnet_lite0")[0]
+        except ImportError:
+            pass
+    return timm.create_model("efficientnet_lite0", pretrained=False).eval()
+
+
+def lite0_encoder(classifier: torch.nn.Module) -> torch.nn.Module:
+    encoder = timm.create_model("efficientnet_lite0", features_only=True, pretrained=False)
+    encoder.load_state_dict(classifier.state_dict(), strict=False)
+    return encoder
+
+
+def tiny_images(images: int, size: int) -> DecodedImages:
+    pack = DATA / "tiny-imagenet-200-train-a.tar.gz"
+    if pack.exists():
+        data = TinyImageNet(pack, split="train")
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:images].tolist()
+        return DecodedImages.decode(Subset(data, order), size, progress=False)
+    g = torch.Generator().manual_seed(0)  # no pack: random pixels of the same shape
+    return DecodedImages(torch.randint(0, 256, (images, 3, 64, 64), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 1000, (images,), generator=g), size)
+
+
+def cifar_images(images: int) -> DecodedImages:
+    pack = DATA / "cifar10-jpeg.tar.gz"
+    if pack.exists():
+        data = cifar10(pack, "train")
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:images].tolist()
+        return DecodedImages.decode(Subset(data, order), 32, CIFAR10_MEAN, CIFAR10_STD, progress=False)
+    g = torch.Generator().manual_seed(0)
+    return DecodedImages(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 10, (images,), generator=g), 32, CIFAR10_MEAN, CIFAR10_STD)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cifar-batch", type=int, default=None, help="default 128 on a GPU, 32 on the CPU")
-    parser.add_argument("--imagenet-batch", type=int, default=None, help="default 64 on a GPU, 4 on the CPU")
-    parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
-                        help="steps of the two timed runs; default 20 120 on a GPU, 2 6 on the CPU")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the streamed rows")
+    parser.add_argument("--lite0-batch", type=int, default=32)
+    parser.add_argument("--cifar-batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=10, help="steps before timing")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (a multiple of --warmup)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="Lite0 training resolutions")
+    parser.add_argument("--random-weights", action="store_true", help="random Lite0 weights (no lite0 extra needed)")
     args = parser.parse_args()
-    gpu = args.device.startswith("cuda")
-    cifar_batch = args.cifar_batch or (128 if gpu else 32)
-    imagenet_batch = args.imagenet_batch or (64 if gpu else 4)
-    short, long = args.steps or ((20, 120) if gpu else (2, 6))
     torch.manual_seed(0)
+    gpu = args.device.startswith("cuda")
+    precisions = [("auto", {})] if gpu else [("auto", {}), ("fp32", {"precision": "fp32", "channels_last": False})]
+    n = max(args.lite0_batch, args.cifar_batch) * (args.warmup + args.steps + 1)
 
     rows = []
-    cifar = RandomImages(cifar_batch * (long + 1), 32, 10, pool=50_000)
-    cifar_classifier = CifarResNet().eval()
-    for preload in (True, False):
-        rate, peak = measure(cifar_classifier, cifar, short, long, cifar_batch, args.device, encoder="small",
-                             preload=preload, num_workers=0 if preload else args.num_workers)
-        rows.append((f"CIFAR-10 variant, 32 px, small encoder, data {'preloaded' if preload else 'streamed'}",
-                     cifar_batch, rate, peak))
-    imagenet = RandomImages(imagenet_batch * (long + 1), 224, 1000, pool=256)
-    imagenet_classifier = timm.create_model("resnet50", pretrained=False).eval()
-    rate, peak = measure(imagenet_classifier, imagenet, short, long, imagenet_batch, args.device, encoder="resnet50",
-                         pretrained_encoder=False, freeze_encoder=True, num_workers=args.num_workers)
-    rows.append(("224 px, frozen ResNet-50 encoder, ResNet-50 classifier, streamed", imagenet_batch, rate, peak))
+    classifier = lite0(args.random_weights)
+    for size in args.sizes:
+        data = tiny_images(n, size)
+        for name, options in precisions:
+            rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
+                                 encoder=lite0_encoder(classifier), embedding_steps=0, **options)
+            rows.append((f"EfficientNet-Lite0 explainer, {size} px, {name}", args.lite0_batch, rate, peak))
+        if size == args.sizes[0]:
+            stage = args.warmup + args.steps
+            rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
+                                 encoder=lite0_encoder(classifier), embedding_steps=stage + 1)
+            rows.append((f"EfficientNet-Lite0 explainer, {size} px, embedding stage, auto", args.lite0_batch, rate, peak))
+    data = cifar_images(n)
+    for name, options in precisions:
+        rate, peak = measure(CifarResNet().eval(), data, args.cifar_batch, args.warmup, args.steps, args.device,
+                             encoder="small", embedding_steps=0, mask_reduction=2, **options)
+        rows.append((f"CIFAR-10 variant, 32 px, small encoder 64/128/256, ResNet-9 classifier, {name}",
+                     args.cifar_batch, rate, peak))
 
-    name = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
-             for k, v in vars(args).items() if v not in (False, None)]
-    print(f"Command: `python benchmarks/train_throughput.py {' '.join(flags)}`  ")
-    print(f"Device: {name}; torch {torch.__version__}; timed runs of {short} and {long} steps"
-          f"{'; bf16 autocast' if gpu else ''}; date: {date.today()}.\n")
+    device = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+                     for k, v in vars(args).items() if v not in (False, None))
+    print(f"Command: `python benchmarks/train_throughput.py {flags}`  ")
+    print(f"Device: {device}; torch {torch.__version__}; {args.warmup} warm-up steps, then {args.steps} timed; "
+          f"date: {date.today()}.\n")
     print("| set-up | batch | training images/s | peak GPU memory (GiB) |")
     print("| --- | --- | --- | --- |")
     for label, batch, rate, peak in rows:

@@ -54,7 +54,9 @@ def test_speed_benchmark_runs_with_the_gpu_options_it_offers():
 
 
 def test_training_throughput_benchmark_runs():
-    out = _benchmark("train_throughput.py", "--cifar-batch", "8", "--imagenet-batch", "2", "--steps", "1", "2")
+    out = _benchmark("train_throughput.py", "--cifar-batch", "8", "--lite0-batch", "2", "--warmup", "1", "--steps", "1",
+                     "--sizes", "64", "--random-weights")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "set-up" not in line and "---" not in line]
-    assert len(rows) == 3 and all(float(row.split("|")[3]) > 0 for row in rows)
-    assert "Command: `python benchmarks/train_throughput.py --device cpu --cifar-batch 8" in out
+    # Lite0 auto and fp32, the embedding stage, CIFAR auto and fp32: each rate timed directly
+    assert len(rows) == 5 and all(float(row.split("|")[3]) > 0 for row in rows)
+    assert "Command: `python benchmarks/train_throughput.py --device cpu --lite0-batch 2 --cifar-batch 8" in out
