@@ -43,6 +43,24 @@ CITATION = """@inproceedings{dabkowski2017real,
 }"""
 
 
+def _evaluation_markdown(evaluation: object) -> str:
+    """``config["evaluation"]`` as markdown: text as it is, or ``{"data": ..., "results": [rows]}``
+    as a line on the data and a table with one row per dict of scores."""
+    if not evaluation:
+        return "No evaluation recorded for this explainer."
+    if isinstance(evaluation, str):
+        return evaluation
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("results"), list) and evaluation["results"]:
+        rows = [r for r in evaluation["results"] if isinstance(r, dict)]
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+        lines = [f"Data: {evaluation.get('data', 'not recorded')}", "", "| " + " | ".join(names) + " |",
+                 "| " + " | ".join("---" for _ in names) + " |"]
+        lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in names) + " |" for r in rows]
+        return "\n".join(lines)
+    return f"`{json.dumps(evaluation, sort_keys=True)}`"
+
+
 def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     """The model card (README.md) for an explainer config: what it explains, how it was
     trained, how well it does (``config["evaluation"]``, markdown, when present), usage."""
@@ -76,7 +94,7 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         f"- training: `{json.dumps(training, sort_keys=True)}`" if training else "- training: not recorded",
         f"- training data: {config.get('training_data', 'not recorded')}", "",
         "## Evaluation", "",
-        config.get("evaluation") or "No evaluation recorded for this explainer.", "",
+        _evaluation_markdown(config.get("evaluation")), "",
         "## Usage", "",
         "```python",
         "from blackbox_saliency import Explainer, explain",
