@@ -124,8 +124,11 @@ def saliency_metric(
             # roi_align samples the box's continuous extent [x0, x1 + 1) onto the full grid
             rois = torch.cat([torch.arange(len(chunk), device=images.device, dtype=chunk.dtype)[:, None],
                               chunk[:, :2], chunk[:, 2:] + 1], dim=1)
+            # one sample at each output pixel's centre: the identity crop returns the image
+            # exactly, any other box is plain bilinear resizing (two samples per pixel would
+            # average neighbours and blur even the full-image box)
             crops = roi_align(images[i : i + batch_size], rois, output_size=(height, width), spatial_scale=1.0,
-                              sampling_ratio=2, aligned=True)
+                              sampling_ratio=1, aligned=True)
             log_p = F.log_softmax(classifier(crops).float(), dim=1).gather(1, ids[i : i + batch_size, None]).squeeze(1)
             scores.append(torch.log(area[i : i + batch_size].clamp(min=area_floor)) - log_p)
     return torch.cat(scores)

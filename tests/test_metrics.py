@@ -56,3 +56,17 @@ def test_saliency_metric_crops_and_resizes():
     inside = saliency_metric(reader, image, None, torch.tensor([0]), boxes=torch.tensor([[8, 8, 15, 15]]))
     outside = saliency_metric(reader, image, None, torch.tensor([0]), boxes=torch.tensor([[0, 0, 7, 7]]))
     assert inside.item() < outside.item()
+
+
+def test_saliency_metric_of_the_full_box_is_minus_log_p_of_the_plain_image_on_a_real_cnn():
+    # a classifier that reacts to every pixel: any blur by the crop would change its answer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 5)).eval()
+    images = torch.randn(4, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3])
+    full = torch.tensor([[0, 0, 15, 15]]).repeat(4, 1)
+    with torch.no_grad():
+        expected = -torch.log_softmax(model(images), 1).gather(1, labels[:, None]).squeeze(1)
+    s = saliency_metric(model, images, None, labels, boxes=full)
+    assert torch.allclose(s, expected, atol=1e-5)
