@@ -26,6 +26,7 @@ from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_io
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps in all")
+    parser.add_argument("--embedding-steps", type=int, default=150, help="of which the embedding stage (fit_explainer)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="the small encoder's widths")
@@ -44,7 +45,8 @@ def main() -> None:
     train, test = PlantedPatterns(args.train_images, patch=12, seed=0), PlantedPatterns(200, patch=12, seed=1)
     explainer = fit_explainer(
         PatternClassifier(patch=12), train, encoder="small", encoder_kwargs={"widths": args.widths},
-        epochs=1000, max_steps=args.steps, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        epochs=1000, max_steps=args.steps, embedding_steps=args.embedding_steps, batch_size=args.batch_size,
+        device=args.device, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same explainer; one writes it

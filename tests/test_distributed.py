@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fit_with_torchrun.py"
 # float64, so one and two processes must agree to ~1e-13: any slip in sharding, random draws,
 # statistics or gradient averaging shows up as a difference of order one.
-SMALL = ["--train-images", "256", "--batch-size", "64", "--float64"]
+# One embedding-stage step, then mask steps: both stages are compared.
+SMALL = ["--train-images", "256", "--batch-size", "64", "--float64", "--embedding-steps", "1"]
 
 
 def _fit(tmp_path: Path, name: str, processes: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
