@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="explainers in channels-last layout")
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the explainers, optionally in a mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--explainer", default=None,
+                        help="also time a trained explainer (a folder or Hub repo id), e.g. hub/explainer-efficientnet_lite0")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -63,8 +65,13 @@ def main() -> None:
     with torch.no_grad():
         classifier_rate = rate(classifier, images, device, args.repeats)
     rows.append(("classifier forward (EfficientNet-Lite0)", classifier_rate, None))
-    for encoder in ("resnet50", "efficientnet_lite0"):
-        explainer = Explainer(num_classes=1000, encoder=encoder, pretrained_encoder=False).to(device).for_inference(
+    candidates = ["resnet50", "efficientnet_lite0"] + ([args.explainer] if args.explainer else [])
+    for encoder in candidates:
+        if encoder == args.explainer:
+            explainer = Explainer.from_pretrained(encoder)
+        else:
+            explainer = Explainer(num_classes=1000, encoder=encoder, pretrained_encoder=False)
+        explainer = explainer.to(device).for_inference(
             dtype=torch.bfloat16 if args.bf16 else None, channels_last=args.channels_last, compile=args.compile)
 
         def run(x, explainer=explainer):
@@ -75,7 +82,8 @@ def main() -> None:
         latency = 1000 / rate(run, images[:1], device, max(20, args.repeats), warmup=3)
         compiled = "compiled" + (f" {args.compile}" if isinstance(args.compile, str) else "")
         options = [o for o, on in (("bf16", args.bf16), ("channels-last", args.channels_last), (compiled, args.compile)) if on]
-        rows.append((f"explainer, {encoder} encoder{' (' + ', '.join(options) + ')' if options else ''}", throughput, latency))
+        label = f"trained explainer {encoder}" if encoder == args.explainer else f"explainer, {encoder} encoder"
+        rows.append((f"{label}{' (' + ', '.join(options) + ')' if options else ''}", throughput, latency))
     rows.append(("gradient saliency", rate(lambda x: gradient_saliency(classifier, x, ids[: x.shape[0]]), images, device, args.repeats), None))
     try:
         rows.append(("Grad-CAM (grad-cam)", rate(lambda x: grad_cam(classifier, x, ids[: x.shape[0]]), images, device, args.repeats), None))
