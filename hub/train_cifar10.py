@@ -1,7 +1,9 @@
 """Train this project's CIFAR-10 classifier and its explainers (the paper's section 5.2).
 
-    # on a GPU machine, from the repository root (about 8 minutes on one H100):
-    python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out hub
+    # from the repository root, on a CPU (bf16 where native) or a GPU; each step checkpoints into
+    # ~/.cache/blackbox-saliency/runs and the same command resumes an interrupted run:
+    nohup python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out hub --epochs 10 \
+        > cifar10-classifier.log 2>&1 &
     python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out hub --variant default
 
 ``classifier`` trains a ResNet-9-style network on all 50,000 training images (data kept on the
@@ -106,7 +108,9 @@ def accuracy(model, images, labels, device) -> float:
     return correct / len(images)
 
 
-def train_classifier(data, out: Path, epochs: int, device: str, seed: int) -> None:
+def train_classifier(data, out: Path, epochs: int, device: str, seed: int, checkpoints: Path | None = None) -> None:
+    """Train the classifier; with ``checkpoints``, save after every epoch and resume from there
+    (the same command continues an interrupted run)."""
     torch.manual_seed(seed)
     x_train, y_train = data["train"][0].to(device), data["train"][1].to(device)
     model = CifarResNet().to(device).to(memory_format=torch.channels_last)
@@ -116,8 +120,18 @@ def train_classifier(data, out: Path, epochs: int, device: str, seed: int) -> No
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
                                 lr=0.2, momentum=0.9, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=steps, pct_start=0.25)
-    log, start = [], time.time()
-    for epoch in range(epochs):
+    log, start, first = [], time.time(), 0
+    state_file = checkpoints / f"cifar10-classifier-e{epochs}-s{seed}.pt" if checkpoints else None
+    if state_file is not None and state_file.exists():
+        state = torch.load(state_file, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        first, log = int(state["epoch"]), list(state["log"])
+        start -= float(state["seconds"])
+        print(f"resumed from {state_file} after epoch {first}", flush=True)
+    for epoch in range(first, epochs):
         model.train()
         order = torch.randperm(len(x_train), device=device)
         for i in range(0, len(order) - batch + 1, batch):
@@ -134,6 +148,13 @@ def train_classifier(data, out: Path, epochs: int, device: str, seed: int) -> No
             line += f" test accuracy {accuracy(model, *data['test'], device):.4f}"
         print(line, flush=True)
         log.append(line)
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = state_file.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": epoch + 1, "log": log,
+                        "seconds": time.time() - start}, tmp)
+            os.replace(tmp, state_file)
     test_accuracy = accuracy(model, *data["test"], device)
     folder = out / "classifier-cifar10"
     folder.mkdir(parents=True, exist_ok=True)
@@ -244,7 +265,8 @@ def main() -> None:
     if args.limit:
         data = {k: (v[0][: args.limit], v[1][: args.limit]) for k, v in data.items()}
     if args.stage == "classifier":
-        train_classifier(data, args.out, args.epochs or 30, device, args.seed)
+        checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs"
+        train_classifier(data, args.out, args.epochs or 30, device, args.seed, checkpoints)
     else:
         checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs"
         train_explainer(data, args.out, args.variant, args.epochs or 20, args.batch_size, device, args.seed, args.max_steps,
