@@ -12,7 +12,7 @@ from torch import nn
 
 from ._validation import ClassIds, check_class_ids, check_images
 from .encoders import build_encoder
-from .masking_model import MaskingModel, MaskOutput
+from .masking_model import CLASS_FILTERS, MaskingModel, MaskOutput
 
 __all__ = ["Explainer", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -337,8 +337,8 @@ def _validate_config(config: object) -> None:
     unknown = sorted(set(config["encoder_kwargs"]) - allowed)
     if unknown:  # e.g. timm's checkpoint_path would load a file named by a stranger's config
         raise ValueError(f"config: encoder_kwargs {unknown} are not allowed; allowed: {sorted(allowed)}")
-    if config.get("class_filter", "bottleneck") not in ("bottleneck", "all"):
-        raise ValueError(f"config: class_filter must be 'bottleneck' or 'all', got {config.get('class_filter')!r}")
+    if config.get("class_filter", "bottleneck") not in CLASS_FILTERS:
+        raise ValueError(f"config: class_filter must be one of {CLASS_FILTERS}, got {config.get('class_filter')!r}")
     if not isinstance(config.get("classifier", {}), dict):
         raise ValueError("config: classifier must be an object")
     from .objective import SaliencyObjective

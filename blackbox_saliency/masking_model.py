@@ -25,8 +25,8 @@ class MaskOutput(NamedTuple):
     selector_logit: torch.Tensor
     """``(N,)``: ``max_ij X_ij^T C_s``, high when class ``s`` is present (the embedding speed-up)."""
     class_logits: torch.Tensor | None = None
-    """``(N, K)``: ``max_ij X_ij^T C_k`` for every class ``k``, in training mode only (the
-    presence loss that teaches the embedding which classes an image holds)."""
+    """``(N, K)``: ``max_ij X_ij^T C_k`` for every class ``k``, when asked for (the presence
+    loss that teaches the embedding which classes an image holds)."""
 
 
 class FeatureFilter(nn.Module):
@@ -177,11 +177,12 @@ class MaskingModel(nn.Module):
         decoder: what the embedding stage of training trains."""
         return self.feature_filter.class_logits(self._features(images)[-1]).float()
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> MaskOutput:
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor, class_logits: bool = False) -> MaskOutput:
+        """Masks for ``class_ids``; ``class_logits=True`` also scores every class (training)."""
         height, width = images.shape[-2:]
         features = self._features(images)
         x, attention, selector_logit = self.feature_filter(features[-1], class_ids)
-        class_logits = self.feature_filter.class_logits(features[-1]).float() if self.training else None
+        scores = self.feature_filter.class_logits(features[-1]).float() if class_logits else None
         for i, upsampler in zip(self._skip_indices, self.upsamplers):
             skip = features[i]
             if self.class_filter == "all":
@@ -191,4 +192,4 @@ class MaskingModel(nn.Module):
         low_res = (c0 / (c0 + c1 + 1e-6)).unsqueeze(1)
         padded = (height + (-height) % self.stride, width + (-width) % self.stride)
         mask = F.interpolate(low_res, size=padded, mode="bilinear", align_corners=False)
-        return MaskOutput(mask[..., :height, :width].clamp(0, 1), low_res, selector_logit.float(), class_logits)
+        return MaskOutput(mask[..., :height, :width].clamp(0, 1), low_res, selector_logit.float(), scores)

@@ -319,7 +319,8 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent in some builds
+        return bool(torch.backends.mkldnn.is_available() and check is not None and check())
     return False
 
 
@@ -341,10 +342,11 @@ class _MaskStep(nn.Module):
         super().__init__()
         self.explainer = explainer
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None) -> MaskOutput | torch.Tensor:
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None,
+                class_logits: bool = False) -> MaskOutput | torch.Tensor:
         if class_ids is None:  # the embedding stage: every class's presence logit, no decoder
             return self.explainer.masking_model.presence(images)
-        return self.explainer.masks_with_details(images, class_ids)
+        return self.explainer.masking_model(images, class_ids, class_logits=class_logits)
 
 
 def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -513,12 +515,13 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 pending_real.append(n_real)
                 if len(pending) >= _SYNC_EVERY:
                     flush()
-                if log_every and step % log_every == 0 and group.is_main:
-                    flush()
+                if log_every and step % log_every == 0:
+                    flush()  # on every process: it sums the losses across them
                     now = time.perf_counter()
-                    logger.info("step %d/%d (epoch %d): %s; %.1f images/s", step, total, epoch + 1,
-                                ", ".join(f"{n}={v:.4g}" for n, v in running.items()),
-                                (step - logged_step) * settings.batch_size / max(now - logged_time, 1e-9))
+                    if group.is_main:
+                            logger.info("step %d/%d (epoch %d): %s; %.1f images/s", step, total, epoch + 1,
+                                    ", ".join(f"{n}={v:.4g}" for n, v in running.items()),
+                                    (step - logged_step) * settings.batch_size / max(now - logged_time, 1e-9))
                     logged_step, logged_time = step, now
                 bar.update(1)
                 if checkpoint_every and step % checkpoint_every == 0:
@@ -553,14 +556,9 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     n, device = images.shape[0], images.device
     # Per-image choices are drawn on the CPU: which images are real is known without waiting
     # for the device.
-    flip = shard.rand(n) < 0.5
+    images, labels = _flip_and_select(classifier, images, labels, settings, shard)
     fake = shard.rand(n) < settings.fake_label_prob
     shift = shard.randint(1, k, n)  # a fake class is any other class: (y + U{1..K-1}) mod K
-    if settings.augment:
-        images = torch.where(_host_to_device(flip, device).view(n, 1, 1, 1), images.flip(-1), images)
-    if settings.selector == "prediction":
-        with torch.no_grad():
-            labels = classifier(images).argmax(1)
     real_rows = (~fake).nonzero().squeeze(1)
     real = _host_to_device(~fake, device)
     class_ids = torch.where(real, labels, (labels + _host_to_device(shift, device)) % k)
@@ -568,7 +566,7 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     # how many images of this process's share are real.
     alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
                     alternative_image(images, objective.blur_prob, shard=shard))
-    out = model(images, class_ids)
+    out = model(images, class_ids, settings.embedding_loss == "all_classes" and bool(settings.selector_weight))
     terms = objective.regulariser_terms(out.low_res_mask)
     per_image = objective.area_weight * terms["area"] + objective.tv_weight * terms["tv"] * real
     zero = out.mask.new_zeros(())
@@ -592,6 +590,20 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     return loss, logged, len(real_rows)
 
 
+def _flip_and_select(classifier, images: torch.Tensor, labels: torch.Tensor, settings: _Settings,
+                     shard: BatchShard = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal flips (drawn on the CPU, whole batch) and the class to explain: the
+    label, or the classifier's own prediction."""
+    n, device = images.shape[0], images.device
+    flip = shard.rand(n) < 0.5
+    if settings.augment:
+        images = torch.where(_host_to_device(flip, device).view(n, 1, 1, 1), images.flip(-1), images)
+    if settings.selector == "prediction":
+        with torch.no_grad():
+            labels = classifier(images).argmax(1)
+    return images, labels
+
+
 def presence_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of every class's presence logit ``(N, K)``: the labelled class is
     present, the other ``K - 1`` absent; both sides weigh the same, so with 1000 classes the
@@ -607,12 +619,6 @@ def _embedding_loss(classifier, model: nn.Module, images: torch.Tensor, labels: 
                     settings: _Settings, shard: BatchShard = LOCAL) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """The embedding stage: only the presence loss, with the same flips and class choice as
     the mask stage."""
-    n, device = images.shape[0], images.device
-    flip = shard.rand(n) < 0.5
-    if settings.augment:
-        images = torch.where(_host_to_device(flip, device).view(n, 1, 1, 1), images.flip(-1), images)
-    if settings.selector == "prediction":
-        with torch.no_grad():
-            labels = classifier(images).argmax(1)
+    images, labels = _flip_and_select(classifier, images, labels, settings, shard)
     loss = presence_loss(model(images, None), labels)
     return loss, {"embed": loss.detach(), "loss": loss.detach()}, 0
