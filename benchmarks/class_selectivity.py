@@ -25,7 +25,7 @@ from datetime import date
 import torch
 
 from blackbox_saliency import fit_explainer
-from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes, train_pattern_cnn
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, inside_boxes, mask_boxes, train_pattern_cnn
 
 VARIANTS = {
     "paper's filter (bottleneck only), sampled embedding loss": {"class_filter": "bottleneck", "embedding_loss": "sampled"},
@@ -50,9 +50,7 @@ def score(explainer, test) -> dict[str, float]:
     with torch.no_grad():
         masks = explainer(test.images, test.labels)
         absent = explainer(test.images, (test.labels + 1) % 4)
-    inside = torch.zeros_like(masks, dtype=torch.bool)
-    for i, (x0, y0, x1, y1) in enumerate(test.boxes.tolist()):
-        inside[i, :, y0 : y1 + 1, x0 : x1 + 1] = True
+    inside = inside_boxes(test.boxes, *masks.shape[-2:])
     h, w = masks.shape[-2:]
     weights = masks[:, 0] / masks[:, 0].sum((1, 2), keepdim=True).clamp_min(1e-8)
     cy = (weights.sum(2) * torch.arange(h)).sum(1)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 __all__ = ["planted_patterns", "PlantedPatterns", "PatternClassifier", "PatternCNN", "train_pattern_cnn", "mask_boxes",
-           "box_iou"]
+           "box_iou", "inside_boxes"]
 
 
 def planted_patterns(patch: int = 8) -> torch.Tensor:
@@ -128,3 +128,11 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from .metrics import box_iou as pairwise
 
     return pairwise(a, b).diagonal()
+
+
+def inside_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 1, H, W)`` booleans, true inside each row's inclusive-pixel box ``x0, y0, x1, y1``."""
+    ys = torch.arange(height).view(1, -1, 1)
+    xs = torch.arange(width).view(1, 1, -1)
+    b = boxes.view(-1, 4, 1, 1)
+    return ((xs >= b[:, 0]) & (xs <= b[:, 2]) & (ys >= b[:, 1]) & (ys <= b[:, 3])).unsqueeze(1)
