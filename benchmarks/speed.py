@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the explainers, optionally in a mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--explainer", default=None,
-                        help="also time a trained explainer (a folder or Hub repo id), e.g. hub/explainer-efficientnet_lite0")
+                        help="also time a trained explainer (a folder or Hub repo id), e.g. blackbox_saliency/weights/explainer-efficientnet_lite0")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)

@@ -93,16 +93,22 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
-    """This project's CIFAR-10 classifier, from ``hub/classifier-cifar10`` in a checkout or from
-    the Hub repo ``blackbox-saliency/classifier-cifar10``."""
+    """This project's CIFAR-10 classifier: shipped in the package (``weights/classifier-cifar10``),
+    else the Hub repo ``blackbox-saliency/classifier-cifar10``."""
     import json
 
     from safetensors.torch import load_file
     from torchvision import transforms
 
-    from .hub import HUB_FOLDER, resolve_weights_folder
+    from .pretrained import weights_folder
 
-    folder = resolve_weights_folder(HUB_FOLDER / "classifier-cifar10", "blackbox-saliency/classifier-cifar10")
+    try:
+        folder = weights_folder("classifier-cifar10", "blackbox-saliency/classifier-cifar10")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"load_classifier('cifar10'): its weights are not in this installation and not reachable ({err}); "
+            "train them with: python hub/train_cifar10.py classifier --pack CIFAR10_PACK --out blackbox_saliency/weights"
+        ) from err
     config = json.loads((folder / "config.json").read_text())
     if config.get("architecture") != "CifarResNet":
         raise ValueError(f"classifier-cifar10: unexpected architecture {config.get('architecture')!r}")

@@ -13,7 +13,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["SmallEncoder", "build_encoder", "encoder_pyramid"]
+__all__ = ["SmallEncoder", "build_encoder", "classifier_features", "encoder_pyramid", "DEFAULT_ENCODER"]
+
+#: The one default encoder of ``Explainer``, ``fit_explainer`` and the CLI: it needs no download,
+#: so the defaults work offline. Pretrained timm encoders are asked for by name.
+DEFAULT_ENCODER = "small"
 
 
 class _FeatureInfo:
@@ -81,6 +85,34 @@ def encoder_pyramid(encoder: nn.Module) -> tuple[list[int], list[int]]:
     return list(info.channels()), list(info.reduction())
 
 
+def classifier_features(classifier: nn.Module) -> nn.Module:
+    """The feature pyramid of a timm classifier, carrying the classifier's own weights: a
+    pretrained encoder that needs no download (hand it to ``fit_explainer(encoder=...)``; it is
+    frozen there and saved by its timm name).
+
+    Example:
+        >>> import timm
+        >>> clf = timm.create_model("resnet18", pretrained=False, num_classes=5)
+        >>> [f.shape[1] for f in classifier_features(clf)(torch.zeros(1, 3, 64, 64))]
+        [64, 64, 128, 256, 512]
+    """
+    import timm
+
+    cfg = getattr(classifier, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not isinstance(classifier, nn.Module) or not name or not timm.is_model(name):
+        raise TypeError(
+            "classifier: expected a timm model (with pretrained_cfg['architecture']) to take the features of; "
+            f"got {type(classifier).__name__}. Build an encoder module yourself, or use a timm encoder name"
+        )
+    in_chans = next((m.in_channels for m in classifier.modules() if isinstance(m, nn.Conv2d)), 3)
+    encoder = build_encoder(name, pretrained=False, in_chans=in_chans)
+    missing, _ = encoder.load_state_dict(classifier.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"classifier: its weights lack encoder tensors {missing[:5]} (names differ from timm's {name!r})")
+    return encoder.to(next(classifier.parameters()).device)
+
+
 def build_encoder(
     encoder: str | nn.Module, pretrained: bool = False, in_chans: int = 3, **kwargs: Any
 ) -> nn.Module:
@@ -98,12 +130,47 @@ def build_encoder(
 
     if not timm.is_model(encoder):
         raise ValueError(f"encoder: {encoder!r} is neither 'small' nor a timm model name")
+    if pretrained:
+        _check_weights_reachable(encoder)
     try:
         return timm.create_model(encoder, pretrained=pretrained, features_only=True, in_chans=in_chans, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for models without features_only support
         raise ValueError(f"encoder: timm model {encoder!r} cannot give a feature pyramid ({err})") from err
-    except OSError as err:  # weights could not be fetched (offline)
-        raise RuntimeError(
-            f"encoder: could not load pretrained weights for {encoder!r} ({err}); pass "
-            "pretrained_encoder=False, or an encoder module you have loaded yourself"
-        ) from err
+    except OSError as err:  # weights could not be fetched
+        raise RuntimeError(_no_weights_message(encoder, str(err))) from err
+
+
+def _no_weights_message(encoder: str, why: str) -> str:
+    return (
+        f"encoder: the pretrained weights of {encoder!r} are not available ({why}). Either download them once "
+        f"where there is a network (python -c \"import timm; timm.create_model('{encoder}', pretrained=True)\" "
+        "fills the cache used here), or train without them: pretrained_encoder=False (CLI: --no-pretrained-encoder), "
+        "encoder='small' (works offline), or an encoder module you have loaded yourself"
+    )
+
+
+def _check_weights_reachable(encoder: str, timeout: float = 3.0) -> None:
+    """Fail at once, with the fix, when timm would spend most of a minute retrying a download
+    that cannot succeed: the weights are not in the Hugging Face cache and the Hub is offline
+    (``HF_HUB_OFFLINE``) or cannot be reached. Weights timm fetches from elsewhere, or a cache
+    this cannot see, are left to timm."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(encoder)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return
+    names = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names if name):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(_no_weights_message(encoder, f"not in the cache and HF_HUB_OFFLINE is set; repo {repo}"))
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        raise RuntimeError(_no_weights_message(encoder, f"not in the cache and {host} cannot be reached: {err}")) from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from ._validation import ClassIds, check_class_ids, check_images
-from .encoders import build_encoder
+from .encoders import DEFAULT_ENCODER, build_encoder
 from .masking_model import CLASS_FILTERS, MaskingModel, MaskOutput
 
 __all__ = ["Explainer", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -34,7 +35,7 @@ class Explainer(nn.Module):
 
     Args:
         num_classes: classes of the classifier it explains.
-        encoder: ``"small"`` (the paper's CIFAR variant, random init), a timm model name, or an
+        encoder: ``"small"`` (default; the paper's CIFAR variant, random init), a timm model name, or an
             ``nn.Module`` feature pyramid (timm ``features_only=True`` or similar).
         pretrained_encoder: load timm's weights for a named encoder.
         encoder_kwargs: passed to the encoder's constructor (e.g. ``{"widths": [32, 64, 128]}``).
@@ -55,7 +56,7 @@ class Explainer(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        encoder: str | nn.Module = "resnet50",
+        encoder: str | nn.Module = DEFAULT_ENCODER,
         pretrained_encoder: bool = False,
         encoder_kwargs: dict[str, Any] | None = None,
         in_chans: int = 3,
@@ -146,6 +147,13 @@ class Explainer(nn.Module):
         Runs on the explainer's device and returns on the images' device."""
         images = check_images(images, channels=self.config["in_chans"], min_size=self.config["mask_reduction"])
         ids = check_class_ids(class_ids, images.shape[0], self.num_classes)
+        size = (self.config.get("classifier") or {}).get("input_size")
+        if size and list(images.shape[1:]) != list(size) and not getattr(self, "_warned_size", False):
+            # fully convolutional, so it runs; but it learnt its classifier at one size (explain refuses)
+            self._warned_size = True
+            warnings.warn(
+                f"images: this explainer was trained for inputs of shape {tuple(size)}, got {tuple(images.shape[1:])}; "
+                "its masks at another size are not what it learnt (preprocess as for its classifier)", stacklevel=2)
         param = next(self.parameters())
         x = images.to(param.device, param.dtype)
         if getattr(self, "_channels_last", False):
@@ -200,7 +208,8 @@ class Explainer(nn.Module):
     ) -> "Explainer":
         """Load an explainer from a folder or a Hugging Face Hub repo id (``"owner/name"``,
         at ``revision``), as written by :meth:`save_pretrained`: safetensors only, config
-        checked before any model is built, weights loaded strictly.
+        checked before any model is built, weights loaded strictly, then the model moved to
+        ``map_location``.
 
         Example:
             >>> explainer = Explainer.from_pretrained("blackbox-saliency/explainer-efficientnet_lite0")  # doctest: +SKIP
@@ -218,14 +227,18 @@ class Explainer(nn.Module):
             raise ValueError(f"name_or_folder: {config_path} is not valid JSON ({err})") from err
         explainer = cls.from_config(config)
         try:
-            state = load_file(str(weights_path), device=str(map_location))
+            device = torch.device(map_location)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"map_location: not a device: {map_location!r}") from err
+        try:
+            state = load_file(str(weights_path), device="cpu")
         except (SafetensorError, OSError) as err:
             raise ValueError(f"name_or_folder: {weights_path} is not a readable safetensors file ({err})") from err
         try:
             explainer.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"name_or_folder: weights in {weights_path} do not match its config: {err}") from err
-        return explainer.eval()
+        return explainer.to(device).eval()
 
     def export_onnx(self, path: str | os.PathLike, input_size: tuple[int, int, int] | None = None) -> Path:
         """Export the masking model to ONNX for deployment without PyTorch (the ``onnx`` extra).
@@ -254,7 +267,7 @@ class Explainer(nn.Module):
         self.eval()
         try:
             torch.onnx.export(
-                _MaskOnly(self.masking_model), (images, class_ids), str(path), input_names=["images", "class_ids"],
+                _MaskOnly(self.masking_model).eval(), (images, class_ids), str(path), input_names=["images", "class_ids"],
                 output_names=["masks"], dynamic_shapes={"images": {0: batch}, "class_ids": {0: batch}}, dynamo=True,
                 verbose=False,
             )

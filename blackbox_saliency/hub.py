@@ -7,7 +7,6 @@ checkpoints are never loaded: they can run code.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -16,24 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi, ModelCardData, snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the explainer imports this module; this one never imports it back
     from .explainer import Explainer
 
-__all__ = ["model_card", "resolve_folder", "push_to_hub", "load_explainer", "KNOWN_EXPLAINERS", "pretrained_for"]
+__all__ = ["model_card", "resolve_folder", "push_to_hub", "snapshot_folder"]
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 HUB_FILES = ["config.json", "model.safetensors", CARD_NAME]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-#: Where this project's own published explainers live in a source checkout.
-HUB_FOLDER = Path(__file__).resolve().parent.parent / "hub"
-
-#: timm architecture name -> this project's pretrained explainer for that classifier.
-KNOWN_EXPLAINERS: dict[str, dict[str, Any]] = {
-    "efficientnet_lite0": {"repo_id": "blackbox-saliency/explainer-efficientnet_lite0", "folder": "explainer-efficientnet_lite0"},
-}
 
 CITATION = """@inproceedings{dabkowski2017real,
   title={Real Time Image Saliency for Black Box Classifiers},
@@ -135,63 +128,40 @@ def resolve_folder(name_or_folder: str | os.PathLike, revision: str | None = Non
     if path.is_dir():
         return _check_folder(path)
     name = str(name_or_folder)
-    # a repo id is "owner/name" (dots allowed, as in "timm/efficientnet_lite0.ra_in1k")
-    if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith("/"):
-        raise FileNotFoundError(f"name_or_folder: {name} is neither a folder nor a Hub repo id")
     try:
-        local = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=HUB_FILES)
-    except Exception as err:  # offline and not cached, no such repo, no such revision...
-        raise FileNotFoundError(
-            f"name_or_folder: could not get Hub repo {name!r} (revision {revision or 'main'}): {err}"
-        ) from err
-    return _check_folder(Path(local))
+        validate_repo_id(name)
+        if name.count("/") != 1:  # a bare "name" is a Hub id too, but here it is more likely a missing folder
+            raise HFValidationError("expected 'owner/name'")
+    except HFValidationError as err:
+        raise FileNotFoundError(f"name_or_folder: {name} is neither a folder nor a Hub repo id ({err})") from err
+    return _check_folder(snapshot_folder(name, revision=revision, cache_dir=cache_dir, token=token, what="name_or_folder"))
 
 
-def resolve_weights_folder(local: Path, repo_id: str) -> Path:
-    """A folder with ``config.json`` and ``model.safetensors``: ``local`` when it has them (a
-    source checkout), else the Hub snapshot of ``repo_id``."""
-    if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
-        return local
+def snapshot_folder(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                    token: str | None = None, what: str = "repo_id") -> Path:
+    """The local snapshot of a Hub model repo's config, weights and card: downloaded, or from
+    the cache (offline with ``HF_HUB_OFFLINE=1``). Any failure is a ``FileNotFoundError``
+    naming ``what`` and the repo, with the Hub's reason."""
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
-    except Exception as err:
-        raise FileNotFoundError(f"no local {local} and could not get Hub repo {repo_id!r}: {err}") from err
-
-
-def load_explainer(name_or_folder: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> "Explainer":
-    """:meth:`Explainer.from_pretrained`, as a function."""
-    from .explainer import Explainer
-
-    return Explainer.from_pretrained(name_or_folder, revision=revision, **kwargs)
-
-
-@functools.lru_cache(maxsize=8)
-def cached_explainer(name_or_folder: str, revision: str | None = None) -> "Explainer":
-    """Explainers loaded by name, kept for the life of the process."""
-    return load_explainer(name_or_folder, revision=revision)
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                      allow_patterns=HUB_FILES))
+    except Exception as err:  # offline and not cached, no such repo or revision, gated, a timeout...
+        raise FileNotFoundError(f"{what}: could not get Hub repo {repo_id!r} (revision {revision or 'main'}): {err}") from err
 
 
 def push_to_hub(explainer: "Explainer", repo_id: str, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload blackbox-saliency explainer") -> str:
     """Create the repo if needed and upload ``config.json``, ``model.safetensors`` and the
     model card in one commit. Returns the commit URL."""
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise ValueError(f"repo_id: expected 'owner/name', got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") != 1:
+            raise HFValidationError("expected 'owner/name'")
+    except HFValidationError as err:
+        raise ValueError(f"repo_id: not a Hub repo id 'owner/name': {repo_id!r} ({err})") from err
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
         explainer.save_pretrained(tmp, repo_id=repo_id)
         commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, repo_type="model")
     return str(getattr(commit, "commit_url", commit))
-
-
-def pretrained_for(classifier: object) -> str | None:
-    """This project's explainer for a timm classifier, if there is one: the folder under
-    ``hub/`` in a source checkout, else its Hub repo id. ``None`` when the architecture has no
-    known explainer."""
-    cfg = getattr(classifier, "pretrained_cfg", None) or getattr(classifier, "default_cfg", None) or {}
-    entry = KNOWN_EXPLAINERS.get(cfg.get("architecture", ""))
-    if entry is None:
-        return None
-    folder = HUB_FOLDER / entry["folder"]
-    return str(folder) if (folder / "model.safetensors").is_file() else entry["repo_id"]

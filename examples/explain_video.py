@@ -5,7 +5,7 @@
 
 The paper's suggested application: one forward pass per frame is fast enough for video. With
 no ``--frames``, the clip is a planted pattern moving across a smooth background, explained by
-the demo explainer in ``hub/explainer-planted-demo`` (it explains the hand-built classifier of
+the demo explainer shipped in ``blackbox_saliency/weights/explainer-planted-demo`` (it explains the hand-built classifier of
 ``blackbox_saliency.testing``). With ``--frames``, every image in DIR (sorted by name) is one
 frame; the class explained is the classifier's top prediction on each frame. Frames per second
 are printed (explainer time only, after a warm-up frame).
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blackbox_saliency import Explainer, load_classifier
+from blackbox_saliency.pretrained import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, planted_patterns
 from blackbox_saliency.visualize import denormalize, overlay, to_pil
 
-DEMO = Path(__file__).resolve().parents[1] / "hub" / "explainer-planted-demo"
+DEMO = WEIGHTS_FOLDER / "explainer-planted-demo"
 
 
 def synthetic_clip(frames: int = 48, size: int = 32, patch: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

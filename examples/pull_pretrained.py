@@ -3,7 +3,7 @@
     python examples/pull_pretrained.py --repo-id blackbox-saliency/explainer-planted-demo
 
 ``Explainer.from_pretrained`` takes a Hub repo id (downloaded once into the Hub cache; with
-``HF_HUB_OFFLINE=1`` only the cache is used) or a local folder, such as ``hub/explainer-*`` in
+``HF_HUB_OFFLINE=1`` only the cache is used) or a local folder, such as ``blackbox_saliency/weights/explainer-*`` in
 this repository. The demo explainer explains the planted-pattern classifier of
 ``blackbox_saliency.testing``, so this script runs anywhere, offline, in seconds.
 """
@@ -15,10 +15,11 @@ import torch
 
 from blackbox_saliency import Explainer, explain
 from blackbox_saliency.metrics import localisation_error
+from blackbox_saliency.pretrained import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 from blackbox_saliency.visualize import saliency_panel
 
-LOCAL = Path(__file__).resolve().parents[1] / "hub" / "explainer-planted-demo"
+LOCAL = WEIGHTS_FOLDER / "explainer-planted-demo"
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Push this project's published explainers (every ``hub/explainer-*`` folder) to the Hub.
+"""Push this project's published explainers (every ``blackbox_saliency/weights/explainer-*`` folder) to the Hub.
 
     HF_TOKEN=... python hub/push.py --owner blackbox-saliency [--private] [--dry-run]
 
@@ -12,8 +12,7 @@ import argparse
 from pathlib import Path
 
 from blackbox_saliency import Explainer
-
-HUB = Path(__file__).resolve().parent
+from blackbox_saliency.pretrained import WEIGHTS_FOLDER as HUB
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Train the demo explainer ``hub/explainer-planted-demo`` on the CPU (about a minute).
+"""Train the demo explainer ``blackbox_saliency/weights/explainer-planted-demo`` on the CPU (about a minute).
 
     python hub/train_planted_demo.py
 
@@ -14,9 +14,10 @@ import torch
 
 from blackbox_saliency import fit_explainer
 from blackbox_saliency.metrics import localisation_error
+from blackbox_saliency.pretrained import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
-OUT = Path(__file__).resolve().parent / "explainer-planted-demo"
+OUT = WEIGHTS_FOLDER / "explainer-planted-demo"
 
 
 def main() -> None:
