@@ -2,9 +2,9 @@
 
     # from the repository root, on a CPU (bf16 where native) or a GPU; each step checkpoints into
     # ~/.cache/blackbox-saliency/runs and the same command resumes an interrupted run:
-    nohup python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out hub --epochs 10 \
+    nohup python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --epochs 10 \
         > cifar10-classifier.log 2>&1 &
-    python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out hub --variant default
+    python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --variant default
 
 ``classifier`` trains a ResNet-9-style network on all 50,000 training images (data kept on the
 GPU, bf16, SGD with a one-cycle schedule) and writes ``OUT/classifier-cifar10``: fp16
@@ -13,7 +13,7 @@ safetensors weights, config and log, with its accuracy on the 10,000 test images
 ``explainer`` trains an explainer with ``encoder="small"`` (random init, 3 blocks of 5 convs) on
 the first 45,000 training images and scores it on the last 5,000, which it never saw, with the
 saliency metric and mask areas: model selection uses those, never the test set. It writes
-``OUT/explainer-cifar10-<variant>``.
+``OUT/explainer-cifar10`` (other variants: ``OUT/explainer-cifar10-<variant>``).
 """
 
 from __future__ import annotations
@@ -205,9 +205,9 @@ def evaluate_explainer(explainer, classifier, images, labels, device) -> dict[st
 def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
                     max_steps: int | None, checkpoints: Path) -> None:
     from blackbox_saliency.classifiers import _load_cifar10
-    from blackbox_saliency import hub
+    from blackbox_saliency import pretrained
 
-    hub.HUB_FOLDER = out  # read the classifier just trained
+    pretrained.WEIGHTS_FOLDER = out  # read the classifier just trained
     classifier, _ = _load_cifar10()
     classifier.to(device)
     images, labels = data["train"]
@@ -234,7 +234,7 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer.config["training"]["seconds"] = round(seconds)
     explainer.config["training"]["device"] = (
         f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu")
-    folder = out / f"explainer-cifar10-{variant}"
+    folder = out / ("explainer-cifar10" if variant == "default" else f"explainer-cifar10-{variant}")
     explainer.save_pretrained(folder)
     (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(),
                                                      "heldout_images": "CIFAR-10 training images 45,000-49,999",
@@ -246,7 +246,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["classifier", "explainer"])
     parser.add_argument("--pack", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path("hub"))
+    parser.add_argument("--out", type=Path, default=Path("blackbox_saliency/weights"))
     parser.add_argument("--epochs", type=int, default=None, help="default: 30 (classifier), 20 (explainer)")
     parser.add_argument("--batch-size", type=int, default=64, help="explainer batch size")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="default")

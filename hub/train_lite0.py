@@ -3,7 +3,7 @@
     # from the repository root; 56 min on one core of a 2-core Xeon (the shipped run), about half
     # that estimated on two; the log is a file, and the same command resumes an interrupted run:
     nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
-        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --threads 1 --out hub > lite0.log 2>&1 &
+        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --threads 1 --out blackbox_saliency/weights > lite0.log 2>&1 &
     # interrupted? the same command again resumes from the last checkpoint (--checkpoints)
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
@@ -31,24 +31,15 @@ import time
 from datetime import date
 from pathlib import Path
 
-import timm
 import torch
 
 from blackbox_saliency import Explainer, fit_explainer, load_classifier
 from blackbox_saliency.baselines import centre_box
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet, scale_boxes
+from blackbox_saliency.encoders import classifier_features
 from blackbox_saliency.metrics import localisation_error
 
 logger = logging.getLogger("train_lite0")
-
-
-def lite0_encoder(classifier: torch.nn.Module) -> torch.nn.Module:
-    """Lite0's feature pyramid carrying the classifier's own pretrained weights."""
-    encoder = timm.create_model("efficientnet_lite0", features_only=True, pretrained=False)
-    missing, _ = encoder.load_state_dict(classifier.state_dict(), strict=False)
-    if missing:
-        raise RuntimeError(f"encoder weights missing from the classifier: {missing[:5]}")
-    return encoder
 
 
 def score(explainer: Explainer, classifier, val: TinyImageNet, decoded: DecodedImages, count: int, size: int,
@@ -95,7 +86,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="default: ~/.cache/blackbox-saliency/runs/lite0 (kept between sessions, outside the checkout)")
-    parser.add_argument("--out", type=Path, default=Path("hub"))
+    parser.add_argument("--out", type=Path, default=Path("blackbox_saliency/weights"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--selector", choices=["label", "prediction"], default="label")
     # preserve weight 1, presence loss 5: what the short runs of docs/objective.md favoured on these images
@@ -125,7 +116,7 @@ def main() -> None:
 
     start = time.time()
     explainer = fit_explainer(
-        classifier, train, encoder=lite0_encoder(classifier), epochs=1000, max_steps=args.steps,
+        classifier, train, encoder=classifier_features(classifier), epochs=1000, max_steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, embedding_steps=args.embedding_steps, progress=False,
         selector=args.selector, objective=args.objective, selector_weight=args.selector_weight,
         freeze_embedding=args.freeze_embedding,
