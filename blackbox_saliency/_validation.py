@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -81,6 +82,87 @@ def check_logits(logits: object, batch_size: int, name: str = "classifier") -> t
     return logits
 
 
+class OutputError(TypeError):
+    """The classifier's output could not be turned into logits. Its message says what to do, so
+    :func:`probe_classifier` lets it through instead of reporting a failure of the classifier."""
+
+
+def _describe(out: object) -> str:
+    """A short description of a classifier's output for error messages."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        keys = list(out.keys())
+        return f"a {type(out).__name__} with keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    if isinstance(out, (tuple, list)):
+        parts = [f"tensor {tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__ for o in out[:5]]
+        return f"a {type(out).__name__} of ({', '.join(parts)}{', ...' if len(out) > 5 else ''})"
+    return f"a {type(out).__name__}"
+
+
+def _example(out: object) -> str:
+    """``output=lambda out: ...`` with the most likely expression for this output."""
+    if isinstance(out, Mapping):
+        key = next((k for k, v in out.items() if isinstance(v, torch.Tensor) and v.dim() == 2), None)
+        if key is not None:
+            return f"output=lambda out: out[{key!r}]"
+    if isinstance(out, (tuple, list)):
+        i = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.dim() == 2), None)
+        if i is not None:
+            return f"output=lambda out: out[{i}]"
+    return "output=lambda out: ..."
+
+
+def logits_from(out: object, output: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The logits in a classifier's output ``out``: ``output(out)`` when an adapter is given, else
+    ``out`` itself when it is a tensor, else, unwrapped, a tensor ``out.logits`` (Hugging Face
+    models), ``out["logits"]``, or the first element of a tuple or list. Anything else is an
+    :class:`OutputError` that says how to pass ``output=``."""
+    if output is not None:
+        try:
+            logits = output(out)
+        except Exception as err:
+            raise OutputError(
+                f"output: failed on the classifier's output, {_describe(out)} ({type(err).__name__}: {err})"
+            ) from err
+        if not isinstance(logits, torch.Tensor):
+            raise OutputError(f"output: must return a tensor of logits (N, K), returned {_describe(logits)}")
+        return logits
+    if isinstance(out, torch.Tensor):
+        return out
+    found, where = None, ""
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        found, where = out.logits, "its .logits"
+    elif isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        found, where = out["logits"], 'its "logits" entry'
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        found, where = out[0], "its first element"
+    if found is not None and found.dim() == 2:
+        return found
+    taken = f"; {where} has shape {tuple(found.shape)}, not (N, K)" if found is not None else ""
+    raise OutputError(
+        f"classifier: returned {_describe(out)}, not a tensor of logits (N, K){taken}; pass explain(..., "
+        f"{_example(out)}) to say where the logits are"
+    )
+
+
+class LogitsOf:
+    """``classifier`` with its output reduced to the logits tensor by :func:`logits_from`: every
+    use of the classifier (probe, top classes, optimisation) goes through this one callable."""
+
+    def __init__(self, classifier: Callable[[torch.Tensor], Any], output: Callable[[Any], torch.Tensor] | None = None):
+        if output is not None and not callable(output):
+            raise TypeError(
+                "output: expected a callable taking the classifier's output and returning logits (N, K), "
+                f"got {type(output).__name__}"
+            )
+        self.classifier = classifier
+        self.output = output
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return logits_from(self.classifier(images), self.output)
+
+
 def check_classifier(classifier: object) -> Callable[[torch.Tensor], torch.Tensor]:
     if not callable(classifier):
         raise TypeError(f"classifier: expected an nn.Module or a callable, got {type(classifier).__name__}")
@@ -99,6 +181,8 @@ def probe_classifier(classifier: Callable[[torch.Tensor], torch.Tensor], image: 
     try:
         with torch.set_grad_enabled(need_gradient):
             logits = classifier(x)
+    except OutputError:  # the output, not the classifier, is at fault; the message says what to do
+        raise
     except Exception as err:  # anything the model raises: say which input it was
         raise ValueError(
             f"classifier: failed on an input of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device} "
