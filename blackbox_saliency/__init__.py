@@ -10,11 +10,11 @@ Example:
     >>> masks = explain(classifier, images, class_ids, explainer=explainer)   # doctest: +SKIP
 """
 
-from .api import explain
+from .api import explain, top_classes
 from .classifiers import load_classifier
 from .explainer import Explainer
 from .objective import SaliencyObjective
 from .training import fit_explainer
 
-__all__ = ["explain", "fit_explainer", "Explainer", "SaliencyObjective", "load_classifier"]
+__all__ = ["explain", "top_classes", "fit_explainer", "Explainer", "SaliencyObjective", "load_classifier"]
 __version__ = "0.1.0"
