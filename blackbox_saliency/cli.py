@@ -1,17 +1,68 @@
-"""The ``blackbox-saliency`` command: ``explain`` images, ``fit`` an explainer."""
+"""The ``blackbox-saliency`` command: ``explain`` images, ``fit`` an explainer, ``push``/``pull`` them.
+
+Errors the user can act on (a bad argument, a missing or unreadable file, no network) are
+reported in one line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 __all__ = ["main"]
+
+#: Files ``explain`` takes from a folder argument (compared case-insensitively).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class CommandError(Exception):
+    """An error of the command's arguments or environment: reported in one line, exit code 2."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blackbox-saliency")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of the HTTP clients huggingface_hub may use, that are not OSError already.
+    Only modules already imported can have raised, so nothing is imported here."""
+    found = []
+    for module, name in [("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException"),
+                         ("huggingface_hub.errors", "HfHubHTTPError"),
+                         ("huggingface_hub.errors", "EntryNotFoundError")]:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # OSError covers files (missing, unreadable, not writable, exists), ConnectionError and most
+    # huggingface_hub errors; ValueError and ImportError are the library's argument and
+    # missing-extra errors. RuntimeError is not here: see _fit.
+    return (CommandError, OSError, ValueError, ImportError) + _network_errors()
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line. An error re-raised from a DataLoader worker carries the
+    worker's whole traceback; its last line is the original error."""
+    text = str(err) or type(err).__name__
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = re.sub(r"^[\w.]+: ", "", last)
+    return " ".join(text.split())
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -20,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Saliency masks for image classifiers (Dabkowski & Gal, 2017).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     exp = sub.add_parser(
@@ -28,7 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="For each image write OUT/<name>_saliency.png: the mask over the image, the preserved "
         "image and the image with the evidence removed, side by side.",
     )
-    exp.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
+    exp.add_argument("images", nargs="+", type=Path,
+                     help="image files (JPEG, PNG, ...) or folders of them (the image files directly in a folder, "
+                     "sorted by name)")
     exp.add_argument("--classifier", default="efficientnet_lite0", help="a name from load_classifier (default: %(default)s)")
     exp.add_argument("--class-id", type=int, default=None, help="class to explain (default: the classifier's top prediction)")
     exp.add_argument("--explainer", default=None,
@@ -38,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      "optimisation (default: %(default)s)")
     exp.add_argument("--steps", type=int, default=300, help="optimisation steps when optimising (default: %(default)s)")
     exp.add_argument("--out", type=Path, default=Path("saliency-out"), help="output folder (default: %(default)s)")
+    exp.add_argument("--save-masks", action="store_true",
+                     help="also write each raw mask as OUT/<name>_mask.npy: float32 (H, W) in [0, 1] at the "
+                     "classifier's input size")
 
     fit = sub.add_parser(
         "fit",
@@ -80,7 +137,11 @@ def _build_parser() -> argparse.ArgumentParser:
 def _push(args: argparse.Namespace) -> int:
     from . import Explainer
 
-    url = Explainer.from_pretrained(args.folder).push_to_hub(args.repo_id, private=args.private or None, token=args.token)
+    explainer = Explainer.from_pretrained(args.folder)  # a broken folder is never published
+    try:
+        url = explainer.push_to_hub(args.repo_id, private=args.private or None, token=args.token)
+    except (OSError,) + _network_errors() as err:  # offline, no token, no access, server errors
+        raise CommandError(f"could not upload to the Hub repo {args.repo_id} ({_one_line(err)})") from err
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0
 
@@ -99,42 +160,109 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_classifier(name: str) -> tuple[torch.nn.Module, Any]:
+    from . import load_classifier
+
+    try:
+        return load_classifier(name)
+    except OSError as err:  # neither shipped nor downloadable (offline, not published)
+        if name != "cifar10":
+            raise
+        from . import pretrained
+
+        folder = pretrained.WEIGHTS_FOLDER  # read at call time: tests point it elsewhere
+        raise CommandError(
+            f"--classifier cifar10: its weights are not available: not in {folder / 'classifier-cifar10'}, and the "
+            f"Hub repo blackbox-saliency/classifier-cifar10 cannot be had ({_one_line(_root_cause(err))}); train them "
+            f"from a source checkout with: python hub/train_cifar10.py classifier --pack CIFAR10_JPEG_PACK.tar.gz "
+            f"--out {folder}"
+        ) from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a folder")
+
+
+def _image_files(paths: Sequence[Path]) -> list[Path]:
+    """The arguments of ``explain`` with each folder replaced by the image files directly in it,
+    sorted by name (hidden files left out); other paths are kept as given, to be read or reported."""
+    files: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+        if not found:
+            raise CommandError(f"{path}: a folder with no image files ({', '.join(IMAGE_SUFFIXES)})")
+        files.extend(found)
+    return files
+
+
+def _num_logits(model: torch.nn.Module) -> int | None:
+    """The classifier's class count, from one forward pass on a blank input of its size."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if not size:
+        return None  # the library checks the pair itself
+    with torch.no_grad():
+        return int(model(torch.zeros(1, *size)).shape[1])
+
+
 def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from . import Explainer, explain, load_classifier
+    from . import Explainer, explain
     from .classifiers import imagenet_class_names
-    from .hub import cached_explainer, pretrained_for
+    from .pretrained import pretrained_for, shared_explainer
     from .visualize import denormalize, saliency_panel
 
-    model, preprocess = load_classifier(args.classifier)
+    _check_out_folder(args.out)
+    images = _image_files(args.images)
+    model, preprocess = _load_classifier(args.classifier)
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     names = model.pretrained_cfg.get("class_names")
     if names is None and model.pretrained_cfg.get("num_classes", 1000) == 1000:
         names = imagenet_class_names()
     explainer = Explainer.from_pretrained(args.explainer) if args.explainer else None
+    source = args.explainer
     method = args.method
     if method in ("auto", "explainer") and explainer is None:
         known = pretrained_for(model)  # this project's explainer for the classifier, if it has one
         if known is not None:
             try:
-                explainer = cached_explainer(known)
+                explainer, source = shared_explainer(known), known
                 print(f"note: using the pretrained explainer {known}", file=sys.stderr)
-            except (FileNotFoundError, ValueError) as err:
-                print(f"note: the pretrained explainer {known} is not available ({err})", file=sys.stderr)
+            except (OSError, ValueError) as err:
+                print(f"note: the pretrained explainer {known} is not available ({_one_line(err)})", file=sys.stderr)
     if method == "auto" and explainer is None:
         method = "optimize"
         # measured: 300 steps take about 40 s per 224 px image with Lite0 on 2 CPU cores
         print(f"note: no explainer for this classifier, so each mask is found by {args.steps} optimisation steps "
               f"(about {max(1, round(args.steps * 0.13))} s per image on a 2-core CPU)", file=sys.stderr)
+    if explainer is not None and method != "optimize":
+        # checked before any class id is taken from the classifier, so a mismatch is reported as one
+        k = _num_logits(model)
+        if k is not None and k != explainer.num_classes:
+            raise CommandError(
+                f"--explainer {source}: it explains a classifier of {explainer.num_classes} classes, but "
+                f"--classifier {args.classifier} has {k}; an explainer works only with the classifier it was trained for"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for path in args.images:
+    for path in images:
         try:
             with Image.open(path) as image:
                 x = preprocess(image).unsqueeze(0)
-        except (OSError, UnidentifiedImageError) as err:
-            print(f"{path}: cannot read image ({err})", file=sys.stderr)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            print(f"{path}: cannot read image ({_one_line(err)})", file=sys.stderr)
             failures += 1
             continue
         with torch.no_grad():
@@ -144,32 +272,105 @@ def _explain(args: argparse.Namespace) -> int:
         mask = explain(model, x, class_id, explainer=explainer, method=method, **kwargs)[0]
         name = names[class_id] if names and 0 <= class_id < len(names) else f"class {class_id}"
         title = f"{path.name}: {name} (p={probs[class_id]:.2f}), mask area {mask.mean():.2f}"
-        target = args.out / f"{Path(path.name).stem}_saliency.png"  # file name only: never outside --out
+        stem = Path(path.name).stem  # file name only: never outside --out
+        target = args.out / f"{stem}_saliency.png"
         saliency_panel(denormalize(x[0], mean, std), mask, title).save(target)
-        print(f"{title} -> {target}")
+        written = str(target)
+        if args.save_masks:
+            mask_file = args.out / f"{stem}_mask.npy"
+            np.save(mask_file, mask[0].detach().float().clamp(0, 1).cpu().numpy().astype(np.float32))
+            written += f", {mask_file}"
+        print(f"{title} -> {written}")
     return 1 if failures else 0
+
+
+def _read_image(path: str) -> Any:
+    """ImageFolder's loader, with the file named when it cannot be decoded (truncated, corrupt)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
+        raise OSError(f"{path}: cannot read image ({_one_line(err)})") from err
+
+
+#: fit_explainer's arguments as its error messages name them -> what the command says instead.
+_FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", "batch_size": "--batch-size",
+              "max_steps": "--max-steps", "resume": "--resume", "preload": "--preload", "encoder": "--encoder",
+              "epochs": "--epochs", "device": "--device", "seed": "--seed"}
+_FIT_SETTINGS = {"pretrained_encoder=False": "--no-pretrained-encoder", "resume=False": "no --resume",
+                 "preload=False": "no --preload"}
+
+
+def _as_flags(text: str) -> str:
+    """A library error message with the command's flags named instead of fit_explainer's
+    arguments: the leading ``name:`` the library starts messages with, and settings such as
+    ``resume=False``. Paths and other text are left as they are."""
+    name, sep, rest = text.partition(": ")
+    if sep and name in _FIT_FLAGS:
+        text = f"{_FIT_FLAGS[name]}: {rest}"
+    for setting, flag in _FIT_SETTINGS.items():
+        text = re.sub(rf"(?<![\w-]){re.escape(setting)}(?!\w)", flag, text)
+    return text
 
 
 def _fit(args: argparse.Namespace) -> int:
     from torchvision.datasets import ImageFolder
 
-    from . import fit_explainer, load_classifier
+    from . import fit_explainer
 
-    model, preprocess = load_classifier(args.classifier)
-    dataset = ImageFolder(str(args.data), transform=preprocess)
-    explainer = fit_explainer(
-        model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
-        preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
-        selector="prediction",
-        classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
-                         "std": list(model.pretrained_cfg["std"])},
-    )
+    _check_out_folder(args.out)  # before training, not after it
+    model, preprocess = _load_classifier(args.classifier)
+    dataset = ImageFolder(str(args.data), transform=preprocess, loader=_read_image)
+    pretrained = args.encoder != "small" and not args.no_pretrained_encoder
+    try:
+        explainer = fit_explainer(
+            model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
+            checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
+            preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
+            selector="prediction",
+            classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
+                             "std": list(model.pretrained_cfg["std"])},
+        )
+    except RuntimeError as err:
+        # The library's RuntimeErrors about a file or a download: the encoder's pretrained weights
+        # cannot be had, or a checkpoint cannot be read. Other RuntimeErrors are bugs: traceback.
+        message = str(err)
+        if pretrained and message.startswith("encoder:"):
+            from huggingface_hub import constants
+
+            if isinstance(err.__cause__, OSError):
+                why = _one_line(err.__cause__)
+            elif constants.HF_HUB_OFFLINE:
+                why = "they are not in the cache and HF_HUB_OFFLINE is set"
+            else:
+                why = "they are not in the cache and could not be downloaded"
+            raise CommandError(
+                f"--encoder {args.encoder}: its pretrained weights are not available ({why}); add "
+                "--no-pretrained-encoder to train it from random weights, use --encoder small (no weights needed), or "
+                f"download them once where there is a network: python -c \"import timm; "
+                f"timm.create_model('{args.encoder}', pretrained=True)\""
+            ) from err
+        if message.startswith("checkpoint_dir:") or _caused_by(err, OSError):
+            raise CommandError(_as_flags(_one_line(err))) from err
+        raise
+    except (CommandError, OSError, ValueError) as err:
+        raise CommandError(_as_flags(_one_line(err))) from err
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has it; one saves
         return 0
     explainer.save_pretrained(args.out)
     print(f"saved explainer to {args.out}")
     return 0
+
+
+def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    seen = err.__cause__
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,8 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"explain": _explain, "fit": _fit, "push": _push, "pull": _pull}
     try:
         return commands[args.command](args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"blackbox-saliency {args.command}: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        print(f"blackbox-saliency {args.command}: {_one_line(err)}", file=sys.stderr)
         return 2
 
 
