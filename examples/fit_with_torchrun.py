@@ -14,6 +14,7 @@ swap in your classifier and dataset; see docs/distributed.md for ImageNet-sized 
 """
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -32,12 +33,14 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="the small encoder's widths")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=100, help="log losses and images/s every N steps (process 0)")
     parser.add_argument("--out", type=Path, default=Path("explainer-torchrun"))
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from here, with any number of processes")
     parser.add_argument("--float64", action="store_true",
                         help="train in float64: 1 and N processes then agree to about 1e-13 (in float32 they agree up "
                              "to float noise, which Adam's first steps amplify)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.float64:
         torch.set_default_dtype(torch.float64)
@@ -46,7 +49,7 @@ def main() -> None:
     explainer = fit_explainer(
         PatternClassifier(patch=12), train, encoder="small", encoder_kwargs={"widths": args.widths},
         epochs=1000, max_steps=args.steps, embedding_steps=args.embedding_steps, batch_size=args.batch_size,
-        device=args.device, seed=args.seed,
+        device=args.device, seed=args.seed, log_every=args.log_every,
         checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same explainer; one writes it

@@ -52,8 +52,10 @@ def one_process(tmp_path_factory):
 
 
 def test_two_processes_train_what_one_trains(tmp_path, one_process):
-    out = _fit(tmp_path, "two", 2, "--steps", "4").stdout
-    assert out.count("2 process(es)") == 1  # process 0 alone reports and saves
+    # logging every step: its loss reduction runs on every process (process 0 alone would hang)
+    done = _fit(tmp_path, "two", 2, "--steps", "4", "--log-every", "1")
+    assert done.stdout.count("2 process(es)") == 1  # process 0 alone reports and saves
+    assert [done.stderr.count(f"step {i}/4 ") for i in (1, 2, 3, 4)] == [1, 1, 1, 1], done.stderr[-2000:]
     two = _weights(tmp_path / "two")
     assert _worst_difference(one_process, two) < 1e-9
     # and the comparison can fail: one more step is a different explainer
