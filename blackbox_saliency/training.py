@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from ._classifier import device_of, frozen
@@ -56,28 +56,119 @@ class _Settings:
 
 
 def _check_dataset(dataset: object) -> tuple[torch.Tensor, int]:
-    """A non-empty map-style dataset of ``(image (C,H,W) float tensor, int label)``."""
+    """A non-empty map-style dataset of ``(image (C,H,W) float tensor, int label)``; only the
+    first item here, every other one as its batch is assembled (:class:`_CheckedCollate`,
+    :func:`_check_read_batch`, :func:`_check_values`)."""
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"dataset: expected a map-style torch Dataset (with __len__ and __getitem__), got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError("dataset: is empty")
-    item = dataset[0]
-    if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise TypeError(f"dataset: items must be (image, label) pairs, got {type(item).__name__}")
-    image, label = item[0], item[1]
-    if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
-        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise TypeError(
-            f"dataset: images must be float tensors (C, H, W) as the classifier takes them (add a ToTensor and "
-            f"Normalize transform), got {got}"
-        )
+    return _check_item(dataset[0], 0)
+
+
+_TO_FLOAT = "convert images to float and normalise them as the classifier expects (e.g. ToTensor() then Normalize(mean, std))"
+
+
+def _check_item(item: object, index: int, channels: int | None = None) -> tuple[torch.Tensor, int]:
+    """Item ``index`` of the dataset: an ``(image, label)`` pair, the image a float ``(C, H, W)``
+    tensor (with ``channels`` channels, those of item 0), the label an integer class id."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        got = f"a {type(item).__name__} of {len(item)}" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+        raise TypeError(f"dataset: items must be (image, label) pairs, but item {index} is {got}")
+    image, label = item
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"dataset: images must be float tensors (C, H, W) as the classifier takes them (add a ToTensor "
+                        f"and Normalize transform), but item {index}'s is a {type(image).__name__}")
+    if not image.is_floating_point():
+        raise TypeError(f"dataset: images must be float tensors (C, H, W) as the classifier takes them, but item "
+                        f"{index}'s is a {image.dtype} tensor: {_TO_FLOAT}")
+    if image.dim() != 3:
+        raise TypeError(f"dataset: images must be float tensors (C, H, W) as the classifier takes them, but item "
+                        f"{index}'s has shape {tuple(image.shape)}")
+    if channels is not None and image.shape[0] != channels:
+        raise ValueError(f"dataset: item {index}'s image has {image.shape[0]} channels but item 0's has {channels}")
     if isinstance(label, torch.Tensor):
-        if label.numel() != 1 or label.is_floating_point():
-            raise TypeError(f"dataset: labels must be integer class ids, got a tensor {label.dtype} {tuple(label.shape)}")
+        if label.numel() != 1 or label.is_floating_point() or label.dtype == torch.bool:
+            raise TypeError(f"dataset: labels must be integer class ids, item {index}'s is a tensor {label.dtype} "
+                            f"{tuple(label.shape)}")
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-        raise TypeError(f"dataset: labels must be integer class ids, got {type(label).__name__}")
+        raise TypeError(f"dataset: labels must be integer class ids, item {index}'s is a {type(label).__name__}")
     return image, int(label)
+
+
+def _mixed_sizes(index: int, shape: Sequence[int], other: int, other_shape: Sequence[int]) -> ValueError:
+    return ValueError(f"dataset: item {index}'s image is {tuple(shape)} but item {other}'s is {tuple(other_shape)}; "
+                      "every image must have the same size (resize or crop them in the dataset's transform)")
+
+
+class _Indexed(Dataset):
+    """``dataset[i]`` as ``(i, dataset[i])``: the collate then knows which item it checks."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class _CheckedCollate:
+    """The loader's collate (run in its workers): every item checked, and the images of a
+    batch of one size, before torch's own collate stacks them (into shared memory in a worker)."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, batch: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = []
+        for index, item in batch:
+            image, label = _check_item(item, index, self.channels)
+            if pairs and image.shape != pairs[0][0].shape:
+                raise _mixed_sizes(index, image.shape, batch[0][0], pairs[0][0].shape)
+            pairs.append((image, label))
+        images, labels = default_collate(pairs)
+        return images, labels
+
+
+def _check_read_batch(result: object, rows: Sequence[int], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a dataset's ``batch(indices)`` returned: float images ``(B, C, H, W)`` and ``B``
+    integer labels."""
+    what = "dataset: batch(indices) must return (images, labels)"
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = f"a {type(result).__name__} of {len(result)}" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+        raise TypeError(f"{what}, returned {got}")
+    images, labels = result
+    n = len(rows)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{what} with float images (B, C, H, W), returned images of type {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"{what} with float images (B, C, H, W), returned {images.dtype} images: {_TO_FLOAT}")
+    if images.dim() != 4 or images.shape[0] != n or images.shape[1] != channels:
+        raise ValueError(f"{what} with images ({n}, {channels}, H, W) for {n} indices, returned {tuple(images.shape)}")
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or tuple(labels.shape) != (n,):
+        raise TypeError(f"{what} with {n} integer labels, returned a {labels.dtype} tensor of shape {tuple(labels.shape)}")
+    return images, labels
+
+
+def _check_values(images: torch.Tensor, labels: torch.Tensor, rows: Sequence[int], num_classes: int, where: str) -> None:
+    """Before a batch reaches the model: every label a class of the classifier, every pixel
+    finite. A sum is finite only if every element is (or it overflowed), so a clean batch costs
+    one reduction; only a non-finite sum looks image by image."""
+    labels = torch.as_tensor(labels)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        i = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
+        raise ValueError(f"dataset: item {rows[i]} has label {int(labels[i])}, outside 0..{num_classes - 1} "
+                         f"(the classifier returns {num_classes} classes)")
+    if not torch.isfinite(images.sum()):
+        bad = (~torch.isfinite(images.reshape(images.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+        if bad:  # else the sum of finite values overflowed
+            listed = ", ".join(str(rows[i]) for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise ValueError(f"dataset: NaN or infinite values in item{'s' if len(bad) > 1 else ''} {listed} ({where}): "
+                             "bad data in the dataset, not a training instability; fix or drop those items")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -356,9 +447,10 @@ def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _preload(dataset: Dataset, device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image and label of ``dataset`` as two tensors on ``device``."""
-    image0, _ = dataset[0]
+def _preload(dataset: Dataset, device: torch.device, num_workers: int,
+             num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label of ``dataset`` as two tensors on ``device``, each item checked."""
+    image0, _ = _check_item(dataset[0], 0)
     needed = len(dataset) * image0.numel() * 4
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -368,11 +460,14 @@ def _preload(dataset: Dataset, device: torch.device, num_workers: int) -> tuple[
     images = torch.empty(len(dataset), *image0.shape, device=device)
     labels = torch.empty(len(dataset), dtype=torch.long, device=device)
     # its own generator: a loader seeds itself from the global RNG, which the training draws use
-    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())
+    loader = DataLoader(_Indexed(dataset), batch_size=256, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        collate_fn=_CheckedCollate(image0.shape[0]), generator=torch.Generator())
     start = 0
     for batch_images, batch_labels in loader:
         n = batch_images.shape[0]
+        if batch_images.shape[1:] != image0.shape:
+            raise _mixed_sizes(start, batch_images.shape[1:], 0, image0.shape)
+        _check_values(batch_images, batch_labels, range(start, start + n), num_classes, "read by preload")
         images[start : start + n].copy_(batch_images, non_blocking=True)
         labels[start : start + n].copy_(torch.as_tensor(batch_labels), non_blocking=True)
         start += n
@@ -414,7 +509,9 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                     find_unused_parameters=settings.embedding_steps != 0)
     batch_reader = getattr(dataset, "batch", None)
-    data = _preload(dataset, device, num_workers) if preload and not callable(batch_reader) else None
+    data = (_preload(dataset, device, num_workers, explainer.num_classes) if preload and not callable(batch_reader)
+            else None)
+    channels = explainer.config["in_chans"]
 
     k = explainer.num_classes
     per_process = settings.batch_size // shard.world
@@ -484,17 +581,19 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                        for batch in _epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch)]
             first = start_batch if epoch == start_epoch else 0
             if callable(batch_reader):  # whole batches from memory, resized on the tensor
-                loader = (batch_reader(torch.tensor(rows)) for rows in batches[first:])
+                loader = (_check_read_batch(batch_reader(torch.tensor(rows)), rows, channels) for rows in batches[first:])
             elif data is not None:
                 loader = ((data[0][index], data[1][index])
                           for index in (_host_to_device(torch.tensor(rows), device) for rows in batches[first:]))
             else:
                 # Its own generator: a loader drawing its worker seed from the global RNG would
                 # shift every random draw after a mid-epoch resume.
-                loader = DataLoader(dataset, batch_sampler=batches[first:], num_workers=num_workers,
-                                    pin_memory=device.type == "cuda",
+                loader = DataLoader(_Indexed(dataset), batch_sampler=batches[first:], num_workers=num_workers,
+                                    collate_fn=_CheckedCollate(channels), pin_memory=device.type == "cuda",
                                     generator=torch.Generator().manual_seed(settings.seed + epoch))
             for b, (images, labels) in enumerate(loader, start=first):
+                if data is None:  # preloaded data was checked as it loaded
+                    _check_values(images, labels, batches[b], k, f"batch {b + 1} of epoch {epoch + 1}")
                 images = images.to(device, dtype, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
