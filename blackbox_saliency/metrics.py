@@ -256,7 +256,8 @@ def deletion_auc(
         >>> reader = lambda x: torch.stack([20 * x[:, 0, 0, 0], torch.zeros(len(x))], 1)  # class 0 reads pixel (0, 0)
         >>> images = torch.zeros(1, 3, 8, 8); images[0, 0, 0, 0] = 1
         >>> right = images[:, :1]  # pixel (0, 0) first
-        >>> bool(deletion_auc(reader, images, right, 0, blur_sigma=2) < deletion_auc(reader, images, 1 - right, 0, blur_sigma=2))
+        >>> good, bad = (deletion_auc(reader, images, m, 0, blur_sigma=2) for m in (right, 1 - right))
+        >>> bool(good < bad)
         True
     """
     curves, x = _removal_curves(classifier, images, masks, class_ids, steps, batch_size, blur_sigma, insertion=False)
