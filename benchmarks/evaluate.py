@@ -7,9 +7,10 @@
 
 Rows are methods (ground-truth boxes where the data has them, max box, centre box, gradient,
 iterative mask optimisation, Grad-CAM, Captum, and this library's explainer when one is given
-or known); columns are localisation error (where boxes exist), the saliency metric, mean mask
-area, the class probability on the preserved and on the removed image, the mean mask for an
-absent class, and masks per second. Images are taken in a fixed order (the first ``--limit``
+or known); columns are localisation error and the pointing game (where boxes exist), the
+saliency metric, deletion and insertion AUC (``--faithfulness-steps`` steps), mean mask area,
+the class probability on the preserved and on the removed image, the mean mask for an absent
+class, and masks per second. Images are taken in a fixed order (the first ``--limit``
 after a seeded shuffle), the class is the ground-truth label, and the removed evidence is
 replaced by a blurred copy (sigma 10 at 224 px) so that every method meets the same
 alternative. Writes ``table.md`` (with the command, machine and date) and ``figure.jpg``.
@@ -33,8 +34,8 @@ from blackbox_saliency import Explainer, explain, load_classifier
 from blackbox_saliency.baselines import BASELINES
 from blackbox_saliency.datasets import ImageNetSamples, TinyImageNet, cifar10, scale_boxes
 from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
-from blackbox_saliency.hub import pretrained_for
-from blackbox_saliency.metrics import localisation_error, saliency_metric
+from blackbox_saliency.pretrained import pretrained_for
+from blackbox_saliency.metrics import deletion_auc, insertion_auc, localisation_error, pointing_game, saliency_metric
 from blackbox_saliency.visualize import denormalize, overlay, to_pil
 
 
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--optimize-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--faithfulness-steps", type=int, default=32,
+                        help="steps of the deletion and insertion curves (each costs one classifier pass per image)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -114,7 +117,7 @@ def main() -> None:
     rows, figure_masks = [], {}
     if boxes is not None:
         s = saliency_metric(model, images, None, labels, boxes=torch.cat([b[:1] for b in boxes]))
-        rows.append(("ground-truth boxes", "0.0", f"{s.mean():.3f}", "", "", "", "", ""))
+        rows.append(("ground-truth boxes", "0.0", "", f"{s.mean():.3f}", "", "", "", "", "", "", ""))
     for name, fn in methods.items():
         try:
             masks, speed = timed(fn, images, labels, args.batch_size)
@@ -124,10 +127,14 @@ def main() -> None:
         figure_masks[name] = masks[:6]
         s = saliency_metric(model, images, masks, labels).mean().item()
         error = f"{100 * localisation_error(masks, boxes):.1f}" if boxes is not None else "n/a"
+        pointing = f"{100 * pointing_game(masks, boxes):.1f}" if boxes is not None else "n/a"
+        deletion, insertion = (f(model, images, masks, labels, steps=args.faithfulness_steps, batch_size=50).mean().item()
+                               for f in (deletion_auc, insertion_auc))
         kept, removed = probabilities(model, images, masks, labels)
         takes_class = name not in ("max box", "centre box")
         absent_area = f"{timed(fn, images, absent, args.batch_size)[0].mean():.3f}" if takes_class else "n/a"
-        rows.append((name, error, f"{s:.3f}", f"{masks.mean():.3f}", f"{kept:.3f}", f"{removed:.3f}", absent_area, f"{speed:.1f}"))
+        rows.append((name, error, pointing, f"{s:.3f}", f"{deletion:.3f}", f"{insertion:.3f}", f"{masks.mean():.3f}",
+                     f"{kept:.3f}", f"{removed:.3f}", absent_area, f"{speed:.1f}"))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
 
     with torch.no_grad():
@@ -137,13 +144,15 @@ def main() -> None:
     command = "python benchmarks/evaluate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         f"Classifier `{args.classifier}` on {len(images)} images of `{args.data}` (top-1 {top1:.1%}, mean probability of the "
-        f"true class {p_full:.3f}); iterative mask: {args.optimize_steps} steps.",
+        f"true class {p_full:.3f}); iterative mask: {args.optimize_steps} steps; deletion and insertion AUC: "
+        f"{args.faithfulness_steps} steps.",
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}.",
         "",
-        "| method | localisation error (%) | saliency metric | mean area | p preserved | p removed | mean mask, absent class | masks/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | localisation error (%) | pointing game (%) | saliency metric | deletion AUC | insertion AUC | mean area "
+        "| p preserved | p removed | mean mask, absent class | masks/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *["| " + " | ".join(r) + " |" for r in rows],
     ]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

@@ -23,7 +23,7 @@ def test_evaluate_on_a_handful_of_images(tmp_path):
     Explainer(num_classes=1000, encoder="small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1},
               classifier_info={"input_size": [3, 224, 224]}).save_pretrained(tmp_path / "explainer")
     command = [sys.executable, str(ROOT / "benchmarks" / "evaluate.py"), "--data", "tiny-val", "--pack", str(PACK),
-               "--cache", str(tmp_path / "cache"), "--limit", "3", "--optimize-steps", "1",
+               "--cache", str(tmp_path / "cache"), "--limit", "3", "--optimize-steps", "1", "--faithfulness-steps", "4",
                "--methods", "max box,centre box,gradient,iterative,this library", "--explainer",
                str(tmp_path / "explainer"), "--out", str(tmp_path / "out")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -31,8 +31,17 @@ def test_evaluate_on_a_handful_of_images(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "out" / "table.md").read_text()
     for row in ("| ground-truth boxes | 0.0 |", "| max box |", "| centre box |", "| gradient |",
-                "| iterative mask", "| this library's explainer |", "Command: `python benchmarks/evaluate.py"):
+                "| iterative mask", "| this library's explainer |", "Command: `python benchmarks/evaluate.py",
+                "| pointing game (%) |", "| deletion AUC | insertion AUC |", "deletion and insertion AUC: 4 steps"):
         assert row in table
+    # every method's row fills the pointing game and both AUCs (Tiny ImageNet has boxes)
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith(("| method", "| ---", "| ground-truth")):
+            cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+            assert 0 <= float(cells["pointing game (%)"]) <= 100, line
+            assert 0 <= float(cells["deletion AUC"]) <= 1 and 0 <= float(cells["insertion AUC"]) <= 1, line
     assert (tmp_path / "out" / "figure.jpg").stat().st_size > 1000
 
 
