@@ -7,6 +7,7 @@ It needs no trained explainer, so :func:`blackbox_saliency.explain` falls back t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -31,7 +32,8 @@ def optimize_masks(
 
     The mask lives at ``mask_size`` pixels on its short side (default ``max(8, H / 8)``: 28 at
     224 px) and is upsampled bilinearly, which keeps it smooth. Every image in the batch is
-    optimised at once; gradients reach only the masks, never the classifier's weights.
+    optimised at once; gradients reach only the masks, never the classifier's weights. A
+    warning says how many masks came out (nearly) empty or full (mean below 0.01 or above 0.99).
 
     Example:
         >>> clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
@@ -57,4 +59,24 @@ def optimize_masks(
             loss.sum().backward()
             optimizer.step()
     with torch.no_grad():
-        return F.interpolate(torch.sigmoid(logits), size=(height, width), mode="bilinear", align_corners=False)
+        masks = F.interpolate(torch.sigmoid(logits), size=(height, width), mode="bilinear", align_corners=False)
+    _warn_if_degenerate(masks, steps, lr)
+    return masks
+
+
+def _warn_if_degenerate(masks: torch.Tensor, steps: int, lr: float) -> None:
+    """One warning for the masks that say nothing about where the evidence is: (nearly) empty,
+    mean below 0.01, or (nearly) full, mean above 0.99."""
+    area = masks.flatten(1).mean(1)
+    empty, full = int((area < 0.01).sum()), int((area > 0.99).sum())
+    if not (empty or full):
+        return
+    found = " and ".join(f"{kind} for {count} of {len(area)} images" for kind, count in
+                         (("empty (mean mask < 0.01)", empty), ("full (mean mask > 0.99)", full)) if count)
+    warnings.warn(
+        f"optimize_masks: the masks came out {found}; such a mask says nothing about where the evidence is. "
+        f"Try more steps (got {steps}), a different lr (got {lr}), or the objective's area_weight (lower for "
+        "empty masks, higher for full ones; docs/objective.md). A classifier that ignores the image also "
+        "gives empty masks.",
+        stacklevel=3,
+    )
