@@ -24,6 +24,7 @@ from ._classifier import device_of, frozen
 from ._validation import check_classifier, probe_classifier
 from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, sync_batchnorm, unsync_batchnorm
 from .evidence import alternative_image
+from .encoders import DEFAULT_ENCODER
 from .explainer import Explainer, _atomic_write
 from .masking_model import MaskOutput
 from .objective import SaliencyObjective
@@ -222,7 +223,7 @@ def fit_explainer(
     classifier: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     num_classes: int | None = None,
-    encoder: str | nn.Module = "resnet50",
+    encoder: str | nn.Module = DEFAULT_ENCODER,
     epochs: int = 20,
     batch_size: int = 64,
     device: str | torch.device | None = None,
@@ -259,15 +260,19 @@ def fit_explainer(
             mode, its weights never change; moved to ``device`` for training and back after.
         dataset: a map-style dataset of ``(image, label)`` with images as the classifier takes them.
         num_classes: ``K``; default: read from the classifier's output.
-        encoder: ``"small"`` (the CIFAR variant: random init, 3 blocks of 5 convs), a timm name,
-            or a feature-pyramid module. Pretrained encoders are frozen.
+        encoder: ``"small"`` (default; the CIFAR variant: random init, 3 blocks of 5 convs,
+            works offline), a timm name (the paper's ImageNet model used ``"resnet50"``; its
+            pretrained weights are fetched once), or a feature-pyramid module, such as
+            :func:`~blackbox_saliency.encoders.classifier_features` of a timm classifier
+            (pretrained, no download). Pretrained encoders are frozen.
         epochs, batch_size, lr: Adam on the masking model; the last partial batch is dropped.
         device: default CUDA when available (bf16 autocast there), else the CPU. Under
             ``torchrun`` each process takes ``cuda:LOCAL_RANK`` (see "Several processes").
         checkpoint_dir: where ``last.pt`` is written atomically at every epoch's end and every
             ``checkpoint_every`` steps. ``resume=True`` continues from it.
         seed: makes a run reproducible (on the CPU, bit for bit).
-        pretrained_encoder: load timm's weights for a named encoder (needs them in timm's cache).
+        pretrained_encoder: load timm's weights for a named encoder; when they are neither cached
+            nor reachable this fails at once, saying how to fix it.
         objective: a :class:`SaliencyObjective` or a dict of its fields.
         fake_label_prob: share of samples given a wrong class; only the area term applies to
             them, so the model learns an empty mask for a class that is absent.
@@ -618,7 +623,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                     flush()  # on every process: it sums the losses across them
                     now = time.perf_counter()
                     if group.is_main:
-                            logger.info("step %d/%d (epoch %d): %s; %.1f images/s", step, total, epoch + 1,
+                        logger.info("step %d/%d (epoch %d): %s; %.1f images/s", step, total, epoch + 1,
                                     ", ".join(f"{n}={v:.4g}" for n, v in running.items()),
                                     (step - logged_step) * settings.batch_size / max(now - logged_time, 1e-9))
                     logged_step, logged_time = step, now
