@@ -250,6 +250,7 @@ def fit_explainer(
     channels_last: bool | None = None,
     progress: bool = True,
     log_every: int | None = 100,
+    init_from: Explainer | str | os.PathLike | None = None,
     classifier_info: dict[str, Any] | None = None,
     **explainer_kwargs: Any,
 ) -> Explainer:
@@ -308,6 +309,11 @@ def fit_explainer(
         progress: a tqdm progress bar. log_every: also log the running losses and images/s
             every this many steps (``logging`` at INFO, for a run in the background whose log
             is a file); ``None``: at every epoch's end only.
+        init_from: start from this explainer's weights (an :class:`Explainer`, a folder or a
+            Hub repo id) instead of a fresh one: fine-tuning, e.g. at another resolution. The
+            other arguments must build the same architecture (checked strictly). A resumed
+            checkpoint takes precedence. Usually with ``embedding_steps=0``: its class
+            embedding is already trained.
         **explainer_kwargs: architecture options of :class:`Explainer` (``mask_reduction``...).
 
     Returns:
@@ -359,6 +365,12 @@ def fit_explainer(
         _check_writable(Path(checkpoint_dir))
     if resume and checkpoint_path is None:
         raise ValueError("resume: needs a checkpoint_dir to resume from")
+    if init_from is not None and not isinstance(init_from, (Explainer, str, os.PathLike)):
+        raise TypeError(f"init_from: expected an Explainer, a folder or a Hub repo id, got {type(init_from).__name__}")
+    if isinstance(init_from, (str, os.PathLike)):
+        init_name, init_from = os.fspath(init_from), Explainer.from_pretrained(init_from)
+    else:
+        init_name = "an Explainer object" if init_from is not None else None
 
     group = join_process_group(_resolve_device(device))
     try:
@@ -385,8 +397,16 @@ def fit_explainer(
                     num_classes, encoder, pretrained_encoder=pretrained_encoder and isinstance(encoder, str),
                     encoder_kwargs=encoder_kwargs, in_chans=image0.shape[0], objective=objective.to_dict(),
                     classifier_info=info, **explainer_kwargs,
-                ).to(device)
+                )
+                if init_from is not None:
+                    try:
+                        explainer.load_state_dict(init_from.state_dict(), strict=True)
+                    except RuntimeError as err:
+                        raise ValueError(f"init_from: its weights do not fit the explainer these arguments build: {err}") from err
+                explainer.to(device)
                 explainer.config["training"] = settings.to_dict()
+                if init_name is not None:
+                    explainer.config["training"]["init_from"] = init_name
                 bf16 = _use_bf16(precision, device)
                 layout = device.type == "cpu" if channels_last is None else channels_last
                 explainer.config["training"].update(precision="bf16" if bf16 else "fp32", channels_last=layout)

@@ -122,3 +122,24 @@ def test_collapsed_masks_are_reported():
     # a classifier with nothing to find: the area term wins and masks go empty
     with pytest.warns(UserWarning, match="masks ended empty"):
         _fit(ConstantLogits([0.0, 0.0, 0.0, 0.0]), epochs=80, lr=0.01)
+
+
+def test_init_from_starts_from_an_explainers_weights(tmp_path):
+    first = _fit(seed=0)
+    first.save_pretrained(tmp_path / "first")
+    # lr 0: the optimiser moves nothing, so the weights are exactly where init_from put them
+    for source in (first, tmp_path / "first"):
+        started = _fit(seed=5, lr=0.0, init_from=source).state_dict()
+        params = {name for name, _ in first.named_parameters()}
+        assert all(torch.equal(first.state_dict()[k], started[k]) for k in params)
+    fresh = _fit(seed=5, lr=0.0).state_dict()
+    assert any(not torch.equal(fresh[k], started[k]) for k in params)
+    assert _fit(seed=5, lr=0.0, init_from=first).config["training"]["init_from"] == "an Explainer object"
+
+
+def test_init_from_must_fit_the_architecture():
+    other = Explainer(num_classes=4, encoder="small", encoder_kwargs={"widths": [8, 16, 24]})
+    with pytest.raises(ValueError, match="init_from: its weights do not fit"):
+        _fit(init_from=other)
+    with pytest.raises(TypeError, match="init_from: expected an Explainer"):
+        _fit(init_from=3)
