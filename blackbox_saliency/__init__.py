@@ -12,9 +12,10 @@ Example:
 
 from .api import explain, top_classes
 from .classifiers import load_classifier
-from .explainer import Explainer
+from .explainer import ClassifierInfo, Explainer, ExplainerConfig
 from .objective import SaliencyObjective
 from .training import fit_explainer
 
-__all__ = ["explain", "top_classes", "fit_explainer", "Explainer", "SaliencyObjective", "load_classifier"]
+__all__ = ["explain", "top_classes", "fit_explainer", "Explainer", "ExplainerConfig", "ClassifierInfo", "SaliencyObjective",
+           "load_classifier"]
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ def _check_pair(classifier: Callable[[torch.Tensor], Any], logits_of: LogitsOf, 
     """An explainer is valid for its own classifier only: the class count and, where its
     config records one, the input size must match. The check is remembered per classifier
     (``classifier``, the user's object) unless an ``output=`` adapter is in play."""
-    size = (explainer.config.get("classifier") or {}).get("input_size")
+    size = explainer.config.classifier.input_size
     if size and list(images.shape[1:]) != list(size):
         raise ValueError(
             f"images: the explainer was trained on inputs of shape {tuple(size)}, got {tuple(images.shape[1:])}; "
@@ -227,7 +227,7 @@ def explain(
         raise TypeError(f"explain: {sorted(optimize_kwargs)} only apply to method='optimize'")
 
     if method == "explainer" or (method == "auto" and explainer is not None):
-        check_images(images, channels=explainer.config["in_chans"], min_size=explainer.config["mask_reduction"],
+        check_images(images, channels=explainer.config.in_chans, min_size=explainer.config.mask_reduction,
                      finite=False)  # values were checked above; each chunk is checked again in forward
         if class_ids is not None:
             ids = check_class_ids(class_ids, images.shape[0], explainer.num_classes)

@@ -152,7 +152,7 @@ def _pull(args: argparse.Namespace) -> int:
 
     folder = resolve_folder(args.repo_id, revision=args.revision)
     explainer = Explainer.from_pretrained(folder)
-    print(f"{args.repo_id}: explains {explainer.config['classifier'].get('name', 'an unnamed classifier')} "
+    print(f"{args.repo_id}: explains {explainer.config.classifier.name or 'an unnamed classifier'} "
           f"({explainer.num_classes} classes); files in {folder}")
     if args.out:
         explainer.save_pretrained(args.out, repo_id=args.repo_id)

@@ -1,51 +1,266 @@
-"""``Explainer``: a trained masking model with the plain-JSON config that rebuilds it."""
+"""``Explainer``: a trained masking model, and ``ExplainerConfig``, the plain-JSON config that
+rebuilds it.
+
+The explainer is a ``huggingface_hub.PyTorchModelHubMixin`` (as segmentation_models.pytorch's
+models are): ``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` are the mixin's, with
+the model card generated through its ``generate_model_card``. They are stricter here than the
+mixin's defaults: safetensors only (no ``pytorch_model.bin`` fallback), weights loaded strictly,
+``config.json`` checked against :class:`ExplainerConfig` before any model is built, every file
+written atomically, and errors that name the argument at fault.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
 from torch import nn
 
+from . import hub
 from ._validation import ClassIds, check_class_ids, check_images
 from .encoders import DEFAULT_ENCODER, build_encoder
 from .masking_model import CLASS_FILTERS, MaskingModel, MaskOutput
 
-__all__ = ["Explainer", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["Explainer", "ExplainerConfig", "ClassifierInfo"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_FORMAT = "blackbox-saliency-explainer"
 CONFIG_VERSION = 1
 
 
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+_SMALL_OPTIONS = {"widths", "layers_per_block"}
+_TIMM_OPTIONS = {"out_indices", "output_stride"}
 
-class Explainer(nn.Module):
+
+def _check_json(value: object, where: str) -> None:
+    """Refuse, naming ``where``, a value that ``config.json`` could not hold."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: must be plain JSON (dicts, lists, text, numbers, booleans, null): {err}") from err
+
+
+def _number_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+@dataclass
+class ClassifierInfo:
+    """Plain facts about the classifier an explainer explains; each may be unknown (None).
+
+    Attributes:
+        name: what it is, for people (e.g. ``"efficientnet_lite0 (timm)"``).
+        input_size: ``[C, H, W]`` of the images it takes; ``explain`` refuses other sizes.
+        mean, std: its input normalisation, per channel (or a sentence when there is none).
+        class_names: a name per class, in class-id order.
+    """
+
+    name: str | None = None
+    input_size: list[int] | None = None
+    mean: list[float] | str | None = None
+    std: list[float] | str | None = None
+    class_names: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts that are known (unknown ones are left out, not written as null)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, values: object, where: str = "classifier") -> "ClassifierInfo":
+        """From a dict as written by :meth:`to_dict` (tuples are taken as lists); errors name ``where``."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: must be an object (a dict), got {values!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {known}")
+        info = cls(**{k: list(v) if isinstance(v, tuple) else copy.deepcopy(v) for k, v in values.items()})
+        info.validate(where)
+        return info
+
+    def validate(self, where: str = "classifier") -> None:
+        """Check each fact's type: ``input_size`` three positive ints, ``mean``/``std`` numbers or
+        a sentence, ``class_names`` texts."""
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"{where}: name must be a text, got {self.name!r}")
+        size = self.input_size
+        if size is not None and not (isinstance(size, list) and len(size) == 3 and _number_list(size)
+                                     and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError(f"{where}: input_size must be [C, H, W], three positive ints, got {size!r}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str) and not _number_list(value):
+                raise ValueError(f"{where}: {key} must be a list of numbers (or a text), got {value!r}")
+        names = self.class_names
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{where}: class_names must be a list of texts, got {names!r}")
+
+
+def _schema(*types: type) -> Any:
+    """A required config field and the JSON types ``config.json`` may give it."""
+    return field(metadata={"types": types})
+
+
+@dataclass
+class ExplainerConfig:
+    """Everything that rebuilds an explainer, and what is known about it: the one config object,
+    saved as ``config.json`` (plus ``"format"`` and ``"version"``).
+
+    The architecture fields are required; ``classifier`` holds the facts about the classifier
+    it explains (``config.classifier.input_size`` and so on). ``training``, ``training_data``
+    and ``evaluation`` are free-form plain JSON for people and the model card (``evaluation``
+    as markdown text, or ``{"data": ..., "results": [rows of scores]}`` for a table); None
+    means not recorded, and is left out of the file.
+
+    Example:
+        >>> config = Explainer(num_classes=10, classifier_info={"input_size": [3, 32, 32]}).config
+        >>> config.classifier.input_size, config.encoder, config.to_dict()["format"]
+        ([3, 32, 32], 'small', 'blackbox-saliency-explainer')
+        >>> ExplainerConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    num_classes: int = _schema(int)
+    encoder: str = _schema(str)
+    encoder_kwargs: dict[str, Any] = _schema(dict)
+    in_chans: int = _schema(int)
+    mask_reduction: int = _schema(int)
+    width_multiplier: float = _schema(int, float)
+    num_bottlenecks: int = _schema(int)
+    freeze_encoder: bool = _schema(bool)
+    class_filter: str = _schema(str)
+    objective: dict[str, Any] = _schema(dict)
+    classifier: ClassifierInfo = field(default_factory=ClassifierInfo)
+    training: dict[str, Any] | None = None
+    training_data: Any = None
+    evaluation: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as ``config.json`` holds it: plain JSON, unknown metadata left out."""
+        values: dict[str, Any] = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ClassifierInfo):
+                value = value.to_dict()
+            if value is not None or f.metadata:
+                values[f.name] = value
+        return json.loads(json.dumps(values))
+
+    def to_json(self) -> str:
+        """The text of ``config.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: object) -> "ExplainerConfig":
+        """From a dict as written by :meth:`to_dict` (e.g. read from ``config.json``), checked
+        against the schema (:meth:`validate`) before it is returned: not a model is built
+        from a config that fails."""
+        if not isinstance(values, dict) or values.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"config: not a blackbox-saliency explainer config (format != {CONFIG_FORMAT!r})")
+        if values.get("version") != CONFIG_VERSION:
+            raise ValueError(f"config: unsupported version {values.get('version')!r}, expected {CONFIG_VERSION}")
+        values = {k: v for k, v in values.items() if k not in ("format", "version")}
+        # explainers saved before class_filter existed filtered the bottleneck only
+        values.setdefault("class_filter", "bottleneck")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ValueError(f"config: missing key(s) {missing}")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+        cls._check_types(values)
+        values["classifier"] = ClassifierInfo.from_dict(values.get("classifier", {}), where="config: classifier")
+        config = cls(**copy.deepcopy(values))
+        config.validate()
+        return config
+
+    @classmethod
+    def _check_types(cls, values: dict[str, Any]) -> None:
+        for f in fields(cls):
+            types = f.metadata.get("types")
+            if types and f.name in values:
+                value = values[f.name]
+                if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                    raise ValueError(f"config: {f.name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
+
+    def validate(self) -> None:
+        """Refuse a config that could not rebuild this explainer, or could do harm: wrong types,
+        out-of-range sizes, an unknown encoder architecture, encoder options beyond an
+        allow-list (timm's ``checkpoint_path`` would load a file a stranger's config names),
+        unknown objective settings, classifier facts of the wrong shape, non-JSON metadata."""
+        self._check_types({f.name: getattr(self, f.name) for f in fields(self)})
+        if self.num_classes < 2 or self.in_chans < 1 or self.mask_reduction < 1 or self.num_bottlenecks < 0:
+            raise ValueError("config: num_classes, in_chans, mask_reduction or num_bottlenecks out of range")
+        if self.encoder.startswith("custom:"):
+            raise ValueError("config: the explainer was built on a hand-made encoder module and cannot be rebuilt")
+        if self.encoder != "small":
+            import timm
+
+            if not timm.is_model(self.encoder):
+                raise ValueError(f"config: unknown encoder architecture {self.encoder!r}")
+        allowed = _SMALL_OPTIONS if self.encoder == "small" else _TIMM_OPTIONS
+        unknown = sorted(set(self.encoder_kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"config: encoder_kwargs {unknown} are not allowed; allowed: {sorted(allowed)}")
+        if self.class_filter not in CLASS_FILTERS:
+            raise ValueError(f"config: class_filter must be one of {CLASS_FILTERS}, got {self.class_filter!r}")
+        if not isinstance(self.classifier, ClassifierInfo):
+            raise ValueError(f"config: classifier must be a ClassifierInfo, got {self.classifier!r}")
+        self.classifier.validate("config: classifier")
+        size = self.classifier.input_size
+        if size is not None and size[0] != self.in_chans:
+            raise ValueError(f"config: classifier input_size {size} does not have in_chans={self.in_chans} channels")
+        if self.training is not None and not isinstance(self.training, dict):
+            raise ValueError(f"config: training must be an object (a dict), got {self.training!r}")
+        for key in ("encoder_kwargs", "objective", "training", "training_data", "evaluation"):
+            _check_json(getattr(self, key), f"config: {key}")
+        from .objective import SaliencyObjective
+
+        SaliencyObjective.from_dict(self.objective)
+
+
+class Explainer(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name=hub.LIBRARY_NAME,
+    license=hub.LICENSE,
+    pipeline_tag=hub.PIPELINE_TAG,
+    tags=list(hub.TAGS),
+    repo_url=hub.REPO_URL,
+):
     """Produces a saliency mask for an image and a class in one forward pass.
 
     An explainer belongs to the classifier it was trained against: masks say what *that*
     classifier needs. Build one with :func:`blackbox_saliency.fit_explainer`, or load one with
-    :meth:`from_pretrained`.
+    :meth:`from_pretrained`. Its settings and what is known about it are in :attr:`config`
+    (an :class:`ExplainerConfig`).
 
     Args:
         num_classes: classes of the classifier it explains.
         encoder: ``"small"`` (default; the paper's CIFAR variant, random init), a timm model name, or an
             ``nn.Module`` feature pyramid (timm ``features_only=True`` or similar).
         pretrained_encoder: load timm's weights for a named encoder.
-        encoder_kwargs: passed to the encoder's constructor (e.g. ``{"widths": [32, 64, 128]}``).
+        encoder_kwargs: passed to the encoder's constructor (e.g. ``{"widths": [32, 64, 128]}``); plain JSON.
         num_bottlenecks: bottleneck blocks per upsampler; default 1 for ``"small"``, 3 otherwise.
         freeze_encoder: keep the encoder fixed in training; default: when it is pretrained or
             handed in as a module.
+        objective: the objective's settings (:meth:`SaliencyObjective.to_dict`), kept in the config.
         classifier_info: plain facts about the classifier (name, input size, normalisation,
-            class names), kept in the config.
+            class names): a dict or a :class:`ClassifierInfo`, kept in the config.
         class_filter: ``"all"`` (default) filters the skip connections by the class as well as
             the bottleneck; ``"bottleneck"`` is the paper's (see :class:`MaskingModel`).
+
+    Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
+    would otherwise leave them out of the saved config without a word.
 
     Example:
         >>> explainer = Explainer(num_classes=10, encoder="small", encoder_kwargs={"widths": [8, 16, 32]})
@@ -65,13 +280,21 @@ class Explainer(nn.Module):
         num_bottlenecks: int | None = None,
         freeze_encoder: bool | None = None,
         objective: dict[str, float] | None = None,
-        classifier_info: dict[str, Any] | None = None,
+        classifier_info: dict[str, Any] | ClassifierInfo | None = None,
         class_filter: str = "all",
     ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
             raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
-        encoder_kwargs = dict(encoder_kwargs or {})
+        encoder_kwargs = copy.deepcopy(dict(encoder_kwargs or {}))
+        objective = copy.deepcopy(dict(objective or {}))
+        _check_json(encoder_kwargs, "encoder_kwargs")
+        _check_json(objective, "objective")
+        if isinstance(classifier_info, ClassifierInfo):
+            info = copy.deepcopy(classifier_info)
+            info.validate("classifier_info")
+        else:
+            info = ClassifierInfo.from_dict(classifier_info or {}, where="classifier_info")
         if encoder == "small":
             pretrained_encoder = False  # the CIFAR variant is always trained from random init
         encoder_name = encoder if isinstance(encoder, str) else _timm_name(encoder) or f"custom:{type(encoder).__name__}"
@@ -83,26 +306,29 @@ class Explainer(nn.Module):
         self.masking_model = MaskingModel(
             module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter
         )
-        self.config: dict[str, Any] = {
-            "format": CONFIG_FORMAT,
-            "version": CONFIG_VERSION,
-            "num_classes": num_classes,
-            "encoder": encoder_name,
-            "encoder_kwargs": encoder_kwargs,
-            "in_chans": in_chans,
-            "mask_reduction": mask_reduction,
-            "width_multiplier": width_multiplier,
-            "num_bottlenecks": num_bottlenecks,
-            "freeze_encoder": freeze_encoder,
-            "class_filter": class_filter,
-            "objective": dict(objective or {}),
-            "classifier": dict(classifier_info or {}),
-        }
-        json.dumps(self.config)  # the config must stay plain JSON; fail here, not at save time
+        self.config = ExplainerConfig(
+            num_classes=num_classes, encoder=encoder_name, encoder_kwargs=encoder_kwargs, in_chans=in_chans,
+            mask_reduction=mask_reduction, width_multiplier=width_multiplier, num_bottlenecks=num_bottlenecks,
+            freeze_encoder=freeze_encoder, class_filter=class_filter, objective=objective, classifier=info,
+        )
+
+    # The mixin keeps the config it saves in ``_hub_mixin_config``, built from the constructor's
+    # JSON-able arguments (others silently left out). Here it is the ExplainerConfig itself:
+    # one config object, never a second, lossy copy.
+    @property
+    def config(self) -> ExplainerConfig:
+        """Settings that rebuild this explainer and what is known about it (saved as ``config.json``)."""
+        return self._hub_mixin_config
+
+    @config.setter
+    def config(self, value: ExplainerConfig) -> None:
+        if not isinstance(value, ExplainerConfig):
+            raise TypeError(f"config: expected an ExplainerConfig, got {type(value).__name__}")
+        self._hub_mixin_config = value
 
     @property
     def num_classes(self) -> int:
-        return self.config["num_classes"]
+        return self.config.num_classes
 
     @property
     def device(self) -> torch.device:
@@ -145,9 +371,9 @@ class Explainer(nn.Module):
         """Masks ``(N, 1, H, W)`` in ``[0, 1]`` for ``images`` (as the classifier takes them) and
         ``class_ids`` (an int, a list or a ``(N,)`` tensor); 1 keeps evidence, 0 removes it.
         Runs on the explainer's device and returns on the images' device."""
-        images = check_images(images, channels=self.config["in_chans"], min_size=self.config["mask_reduction"])
+        images = check_images(images, channels=self.config.in_chans, min_size=self.config.mask_reduction)
         ids = check_class_ids(class_ids, images.shape[0], self.num_classes)
-        size = (self.config.get("classifier") or {}).get("input_size")
+        size = self.config.classifier.input_size
         if size and list(images.shape[1:]) != list(size) and not getattr(self, "_warned_size", False):
             # fully convolutional, so it runs; but it learnt its classifier at one size (explain refuses)
             self._warned_size = True
@@ -161,75 +387,141 @@ class Explainer(nn.Module):
         out = self.masking_model(x, ids.to(param.device))
         return out.mask.to(images.device)
 
-    # ---- files and the Hub ----------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    # ---- files and the Hub (huggingface_hub.PyTorchModelHubMixin, made stricter) ------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, config: None = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None,
+                        **push_to_hub_kwargs: Any) -> str | None:
         """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` into
-        ``folder`` (``repo_id`` goes into the card's usage example)."""
-        from safetensors.torch import save_file
+        ``save_directory`` (``repo_id`` goes into the card's usage example); with
+        ``push_to_hub=True``, then upload them to ``repo_id`` (see :meth:`push_to_hub`).
 
-        from .hub import CARD_NAME, model_card
-
-        if self.config["encoder"].startswith("custom:"):
+        The mixin's ``save_pretrained``, made safe to repeat on a folder in use: the config is
+        checked first (a folder that cannot be loaded is never written), and each file is
+        replaced atomically, so a reader or a crash never sees half a file, a folder without
+        its config, or a stale card. The config saved is always :attr:`config`.
+        """
+        if config is not None:
+            raise ValueError("config: an explainer saves its own config; change explainer.config instead")
+        if self.config.encoder.startswith("custom:"):
             raise ValueError(
                 "encoder: an explainer built on a hand-made encoder module cannot be rebuilt from its "
                 "config; use a timm name or 'small' to save it"
             )
-        folder = Path(folder)
+        self.config.validate()
+        card_kwargs = dict(model_card_kwargs or {})
+        if repo_id is not None:
+            card_kwargs["repo_id"] = repo_id
+        card = self.generate_model_card(**card_kwargs)
+        folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(folder)
+        _atomic_write(folder / hub.CONFIG_NAME, lambda p: p.write_text(self.config.to_json(), encoding="utf-8"))
+        _atomic_write(folder / hub.CARD_NAME, lambda p: card.save(p))
+        if push_to_hub:
+            return self.push_to_hub(repo_id or folder.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The weights, as ``model.safetensors``, written atomically."""
+        from safetensors.torch import save_file
+
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config, indent=2, sort_keys=True)))
-        _atomic_write(folder / CARD_NAME, lambda p: p.write_text(model_card(self.config, repo_id)))
-        return folder
+        _atomic_write(save_directory / hub.WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+
+    def generate_model_card(self, repo_id: str | None = None) -> ModelCard:
+        """The model card: the mixin's card data (``library_name``, tags, licence, pipeline tag)
+        as its header, then what this explainer explains, its training and evaluation, and
+        usage (loading ``repo_id`` when given)."""
+        info = self._hub_mixin_info
+        data = ModelCardData(**info.model_card_data.to_dict())
+        return ModelCard(hub.model_card(self.config, data, repo_id=repo_id, repo_url=info.repo_url))
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload blackbox-saliency explainer",
+                    private: bool | None = None, token: str | None = None,
+                    model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        """Upload config, weights and model card to the Hub repo ``repo_id`` (``owner/name``,
+        created if needed) in one commit; returns the commit URL. The mixin's ``push_to_hub``
+        (``branch``, ``create_pr`` and the other options pass through), with the card's usage
+        example loading ``repo_id``."""
+        problem = hub.repo_id_problem(repo_id) if isinstance(repo_id, str) else "not a text"
+        if problem:
+            raise ValueError(f"repo_id: not a Hub repo id 'owner/name': {repo_id!r} ({problem})")
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        commit = super().push_to_hub(repo_id, commit_message=commit_message, private=private, token=token,
+                                     model_card_kwargs=card_kwargs, **kwargs)
+        return str(getattr(commit, "commit_url", commit))
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "Explainer":
-        """Build an (untrained) explainer from a config dict as written by :meth:`save_pretrained`,
-        after checking it against the schema."""
-        _validate_config(config)
-        keys = ("num_classes", "encoder", "encoder_kwargs", "in_chans", "mask_reduction", "width_multiplier",
-                "num_bottlenecks", "freeze_encoder", "objective")
-        # explainers saved before class_filter existed filtered the bottleneck only
-        explainer = cls(**{k: config[k] for k in keys}, pretrained_encoder=False, classifier_info=config.get("classifier"),
-                        class_filter=config.get("class_filter", "bottleneck"))
-        for key in ("training", "training_data", "evaluation"):
-            if key in config:
-                explainer.config[key] = config[key]
+    def from_config(cls, config: ExplainerConfig | dict[str, Any]) -> "Explainer":
+        """Build an (untrained) explainer from an :class:`ExplainerConfig`, or the dict of a
+        ``config.json``, after checking it against the schema."""
+        if isinstance(config, ExplainerConfig):
+            config.validate()
+        else:
+            config = ExplainerConfig.from_dict(config)
+        explainer = cls(
+            num_classes=config.num_classes, encoder=config.encoder, pretrained_encoder=False,
+            encoder_kwargs=config.encoder_kwargs, in_chans=config.in_chans, mask_reduction=config.mask_reduction,
+            width_multiplier=config.width_multiplier, num_bottlenecks=config.num_bottlenecks,
+            freeze_encoder=config.freeze_encoder, objective=config.objective, classifier_info=config.classifier,
+            class_filter=config.class_filter,
+        )
+        explainer.config = copy.deepcopy(config)
         return explainer
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_folder: str | os.PathLike,
+        *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
         map_location: str | torch.device = "cpu",
+        force_download: bool = False,
+        local_files_only: bool = False,
     ) -> "Explainer":
         """Load an explainer from a folder or a Hugging Face Hub repo id (``"owner/name"``,
         at ``revision``), as written by :meth:`save_pretrained`: safetensors only, config
         checked before any model is built, weights loaded strictly, then the model moved to
-        ``map_location``.
+        ``map_location``. A repo is downloaded once into the Hub cache; with
+        ``HF_HUB_OFFLINE=1`` (or ``local_files_only``) only the cache is used.
+
+        The mixin's ``from_pretrained`` reads the config and builds the model; this one first
+        finds the files (a folder of pickles is refused, saying why) and names the argument at
+        fault in every error.
 
         Example:
             >>> explainer = Explainer.from_pretrained("blackbox-saliency/explainer-efficientnet_lite0")  # doctest: +SKIP
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from .hub import resolve_folder
-
-        folder = resolve_folder(name_or_folder, revision=revision, cache_dir=cache_dir, token=token)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"name_or_folder: {config_path} is not valid JSON ({err})") from err
-        explainer = cls.from_config(config)
         try:
             device = torch.device(map_location)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"map_location: not a device: {map_location!r}") from err
+        folder = hub.resolve_folder(name_or_folder, revision=revision, cache_dir=cache_dir, token=token,
+                                    force_download=force_download, local_files_only=local_files_only)
+        # Read here too so that a malformed file gets an error naming the argument; the mixin
+        # reads it again and hands it to _from_pretrained, which checks it before building.
+        config_path = folder / hub.CONFIG_NAME
+        try:
+            ExplainerConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"name_or_folder: {config_path} is not valid JSON ({err})") from err
+        return super().from_pretrained(str(folder), map_location=device)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, config: dict[str, Any] | None = None,
+                         map_location: str | torch.device = "cpu", **ignored: Any) -> "Explainer":
+        """Build from ``config`` (checked first) and load the folder's safetensors weights
+        strictly. The mixin also passes the config's entries that match constructor arguments,
+        and its download options; they are ``ignored``: the model is built from the checked
+        config alone, and :meth:`from_pretrained` has already found the files."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = hub.check_folder(Path(model_id))
+        explainer = cls.from_config(config if config is not None else {})
+        weights_path = folder / hub.WEIGHTS_NAME
         try:
             state = load_file(str(weights_path), device="cpu")
         except (SafetensorError, OSError) as err:
@@ -238,7 +530,13 @@ class Explainer(nn.Module):
             explainer.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"name_or_folder: weights in {weights_path} do not match its config: {err}") from err
-        return explainer.to(device).eval()
+        return explainer.to(map_location).eval()
+
+    @classmethod
+    def _load_as_pickle(cls, *args: Any, **kwargs: Any) -> "Explainer":
+        """Never: a pickle can run arbitrary code (the mixin's fallback for ``pytorch_model.bin``)."""
+        raise ValueError("pickle checkpoints are refused because loading a pickle can run arbitrary code; "
+                         f"only {hub.WEIGHTS_NAME} is loaded")
 
     def export_onnx(self, path: str | os.PathLike, input_size: tuple[int, int, int] | None = None) -> Path:
         """Export the masking model to ONNX for deployment without PyTorch (the ``onnx`` extra).
@@ -251,7 +549,7 @@ class Explainer(nn.Module):
         Example:
             >>> explainer.export_onnx("explainer.onnx")  # doctest: +SKIP
         """
-        size = input_size or (self.config.get("classifier") or {}).get("input_size")
+        size = input_size or self.config.classifier.input_size
         if not size or len(size) != 3:
             raise ValueError("input_size: give (C, H, W); the config records no classifier input size")
         try:
@@ -274,13 +572,6 @@ class Explainer(nn.Module):
         finally:
             self.train(was_training)
         return path
-
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload blackbox-saliency explainer") -> str:
-        """Upload config, weights and model card to the Hub repo ``repo_id`` (created if needed)."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def _timm_name(module: nn.Module) -> str | None:
@@ -305,58 +596,6 @@ class _MaskOnly(nn.Module):
 
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         return self.model(images, class_ids).mask
-
-
-_SCHEMA: dict[str, tuple[type, ...]] = {
-    "num_classes": (int,),
-    "encoder": (str,),
-    "encoder_kwargs": (dict,),
-    "in_chans": (int,),
-    "mask_reduction": (int,),
-    "width_multiplier": (int, float),
-    "num_bottlenecks": (int,),
-    "freeze_encoder": (bool,),
-    "objective": (dict,),
-}
-
-
-_SMALL_OPTIONS = {"widths", "layers_per_block"}
-_TIMM_OPTIONS = {"out_indices", "output_stride"}
-
-
-def _validate_config(config: object) -> None:
-    """Refuse a config that is not ours, or not well formed, before building anything."""
-    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
-        raise ValueError(f"config: not a blackbox-saliency explainer config (format != {CONFIG_FORMAT!r})")
-    if config.get("version") != CONFIG_VERSION:
-        raise ValueError(f"config: unsupported version {config.get('version')!r}, expected {CONFIG_VERSION}")
-    missing = [k for k in _SCHEMA if k not in config]
-    if missing:
-        raise ValueError(f"config: missing key(s) {missing}")
-    for key, types in _SCHEMA.items():
-        value = config[key]
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            raise ValueError(f"config: {key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
-    if config["num_classes"] < 2 or config["in_chans"] < 1 or config["mask_reduction"] < 1 or config["num_bottlenecks"] < 0:
-        raise ValueError("config: num_classes, in_chans, mask_reduction or num_bottlenecks out of range")
-    if config["encoder"].startswith("custom:"):
-        raise ValueError("config: the explainer was built on a hand-made encoder module and cannot be rebuilt")
-    if config["encoder"] != "small":
-        import timm
-
-        if not timm.is_model(config["encoder"]):
-            raise ValueError(f"config: unknown encoder architecture {config['encoder']!r}")
-    allowed = _SMALL_OPTIONS if config["encoder"] == "small" else _TIMM_OPTIONS
-    unknown = sorted(set(config["encoder_kwargs"]) - allowed)
-    if unknown:  # e.g. timm's checkpoint_path would load a file named by a stranger's config
-        raise ValueError(f"config: encoder_kwargs {unknown} are not allowed; allowed: {sorted(allowed)}")
-    if config.get("class_filter", "bottleneck") not in CLASS_FILTERS:
-        raise ValueError(f"config: class_filter must be one of {CLASS_FILTERS}, got {config.get('class_filter')!r}")
-    if not isinstance(config.get("classifier", {}), dict):
-        raise ValueError("config: classifier must be an object")
-    from .objective import SaliencyObjective
-
-    SaliencyObjective.from_dict(config["objective"])
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -1,8 +1,12 @@
-"""Explainers on the Hugging Face Hub: save, load, push, and a generated model card.
+"""What the Hugging Face Hub integration needs besides the model: card metadata and text, and
+where a name's files are (a folder, or a Hub snapshot downloaded or from the cache).
 
-Files follow the Hub's conventions: ``config.json`` (plain JSON that rebuilds the model),
-``model.safetensors`` (weights, loaded strictly), ``README.md`` (the model card). Pickle
-checkpoints are never loaded: they can run code.
+:class:`~blackbox_saliency.Explainer` is a ``huggingface_hub.PyTorchModelHubMixin``: saving,
+loading and pushing are the mixin's, made stricter there (safetensors only, strict weights,
+config checked before anything is built, atomic writes). Files follow the Hub's conventions:
+``config.json`` (plain JSON that rebuilds the model), ``model.safetensors`` and ``README.md``
+(the model card). Pickle checkpoints are never loaded: they can run code. This module never
+imports the explainer.
 """
 
 from __future__ import annotations
@@ -10,23 +14,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from huggingface_hub import HfApi, ModelCardData, snapshot_download
+from huggingface_hub import ModelCardData, constants, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 if TYPE_CHECKING:  # the explainer imports this module; this one never imports it back
-    from .explainer import Explainer
+    from .explainer import ExplainerConfig
 
-__all__ = ["model_card", "resolve_folder", "push_to_hub", "snapshot_folder"]
+__all__ = ["model_card", "resolve_folder", "snapshot_folder", "check_folder", "repo_id_problem"]
 
 logger = logging.getLogger(__name__)
 
-CARD_NAME = "README.md"
-HUB_FILES = ["config.json", "model.safetensors", CARD_NAME]
+CONFIG_NAME = constants.CONFIG_NAME  # "config.json"
+WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
+CARD_NAME = constants.REPOCARD_NAME  # "README.md"
+HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# The card metadata, given to the mixin when the explainer class is defined.
+LIBRARY_NAME = "blackbox-saliency"
+LICENSE = "mit"
+PIPELINE_TAG = "image-segmentation"
+TAGS = ("saliency", "explainability", "interpretability", "image-classification", "pytorch", "blackbox-saliency")
+#: The library's code repository, linked from every model card; None until the project has a
+#: public address (the card then leaves the line out).
+REPO_URL: str | None = None
+PAPER_URL = "https://arxiv.org/abs/1705.07857"
 
 CITATION = """@inproceedings{dabkowski2017real,
   title={Real Time Image Saliency for Black Box Classifiers},
@@ -37,7 +52,7 @@ CITATION = """@inproceedings{dabkowski2017real,
 
 
 def _evaluation_markdown(evaluation: object) -> str:
-    """``config["evaluation"]`` as markdown: text as it is, or ``{"data": ..., "results": [rows]}``
+    """``config.evaluation`` as markdown: text as it is, or ``{"data": ..., "results": [rows]}``
     as a line on the data and a table with one row per dict of scores."""
     if not evaluation:
         return "No evaluation recorded for this explainer."
@@ -54,21 +69,20 @@ def _evaluation_markdown(evaluation: object) -> str:
     return f"`{json.dumps(evaluation, sort_keys=True)}`"
 
 
-def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
-    """The model card (README.md) for an explainer config: what it explains, how it was
-    trained, how well it does (``config["evaluation"]``, markdown, when present), usage."""
-    classifier = config.get("classifier") or {}
-    training = config.get("training") or {}
-    name = classifier.get("name", "an unnamed classifier")
-    data = ModelCardData(
-        library_name="blackbox-saliency",
-        license="mit",
-        tags=["saliency", "explainability", "interpretability", "image-classification", "pytorch", "blackbox-saliency"],
-        pipeline_tag="image-segmentation",
-    )
+def _not_recorded(value: object) -> object:
+    return "not recorded" if value is None else value
+
+
+def model_card(config: "ExplainerConfig", card_data: ModelCardData, repo_id: str | None = None,
+               repo_url: str | None = None) -> str:
+    """The model card (README.md) of an explainer: ``card_data`` as its YAML header, then what it
+    explains, how it was trained, how well it does (``config.evaluation``), usage, citation."""
+    classifier = config.classifier
+    name = classifier.name or "an unnamed classifier"
     load = repo_id or "path/to/this/folder"
+    links = [f"- paper: {PAPER_URL}"] + ([f"- code: {repo_url}"] if repo_url else [])
     lines = [
-        "---", data.to_yaml(), "---", "",
+        "---", card_data.to_yaml(), "---", "",
         f"# Saliency explainer for `{name}`", "",
         "A masking model (Dabkowski & Gal, 2017) that outputs, in one forward pass, the smallest smooth mask "
         f"that keeps the class recognisable to `{name}` and whose removal destroys it.", "",
@@ -76,18 +90,18 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         "valid only for the classifier (and preprocessing) it was trained against.", "",
         "## The classifier", "",
         f"- name: `{name}`",
-        f"- input size: {classifier.get('input_size', 'not recorded')}",
-        f"- normalisation: mean {classifier.get('mean', 'not recorded')}, std {classifier.get('std', 'not recorded')}",
-        f"- classes: {config.get('num_classes')}", "",
+        f"- input size: {_not_recorded(classifier.input_size)}",
+        f"- normalisation: mean {_not_recorded(classifier.mean)}, std {_not_recorded(classifier.std)}",
+        f"- classes: {config.num_classes}", "",
         "## The explainer", "",
-        f"- encoder: `{config.get('encoder')}` {json.dumps(config.get('encoder_kwargs') or {})}, "
-        f"{'frozen' if config.get('freeze_encoder') else 'trained'}",
-        f"- mask at 1/{config.get('mask_reduction')} of the input resolution, upsampled bilinearly",
-        f"- objective: `{json.dumps(config.get('objective') or {}, sort_keys=True)}`",
-        f"- training: `{json.dumps(training, sort_keys=True)}`" if training else "- training: not recorded",
-        f"- training data: {config.get('training_data', 'not recorded')}", "",
+        f"- encoder: `{config.encoder}` {json.dumps(config.encoder_kwargs)}, "
+        f"{'frozen' if config.freeze_encoder else 'trained'}",
+        f"- mask at 1/{config.mask_reduction} of the input resolution, upsampled bilinearly",
+        f"- objective: `{json.dumps(config.objective, sort_keys=True)}`",
+        f"- training: `{json.dumps(config.training, sort_keys=True)}`" if config.training else "- training: not recorded",
+        f"- training data: {_not_recorded(config.training_data)}", "",
         "## Evaluation", "",
-        _evaluation_markdown(config.get("evaluation")), "",
+        _evaluation_markdown(config.evaluation), "",
         "## Usage", "",
         "```python",
         "from blackbox_saliency import Explainer, explain",
@@ -99,69 +113,67 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         "- Masks show what the classifier uses, which need not be what a person would point at.",
         "- The mask has a quarter of the input resolution; thin structures are smoothed.",
         "- Inputs must be preprocessed exactly as for the classifier (size and normalisation above).", "",
+        "## Links", "", *links, "",
         "## Citation", "", "```bibtex", CITATION, "```", "",
     ]
     return "\n".join(lines)
 
 
-def _check_folder(folder: Path) -> Path:
+def repo_id_problem(name: str) -> str | None:
+    """Why ``name`` is not a Hub model id ``owner/name``, or None when it is one. A bare
+    ``name`` is a Hub id too, but here it is more likely a mistyped folder or a missing owner."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        return str(err)
+    return None if name.count("/") == 1 else "expected 'owner/name'"
+
+
+def check_folder(folder: Path, what: str = "name_or_folder") -> Path:
+    """``folder`` when it holds an explainer's config and safetensors weights; else an error
+    naming ``what`` that says what is missing (and refuses a folder of pickles, saying why)."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"folder: {folder} is not a folder")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"folder: {folder} has no config.json; is it an explainer folder?")
-    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{what}: {folder} is not a folder")
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{what}: {folder} has no {CONFIG_NAME}; is it an explainer folder?")
+    if not (folder / WEIGHTS_NAME).is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise ValueError(
-                f"folder: {folder} has only pickle checkpoint(s) {pickles}; they are refused because loading a "
-                "pickle can run arbitrary code. Save weights as model.safetensors (Explainer.save_pretrained)"
+                f"{what}: {folder} has only pickle checkpoint(s) {pickles}; they are refused because loading a "
+                f"pickle can run arbitrary code. Save weights as {WEIGHTS_NAME} (Explainer.save_pretrained)"
             )
-        raise FileNotFoundError(f"folder: {folder} has no model.safetensors (only safetensors weights are loaded)")
+        raise FileNotFoundError(f"{what}: {folder} has no {WEIGHTS_NAME} (only safetensors weights are loaded)")
     return folder
 
 
 def resolve_folder(name_or_folder: str | os.PathLike, revision: str | None = None,
-                   cache_dir: str | os.PathLike | None = None, token: str | None = None) -> Path:
+                   cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                   force_download: bool = False, local_files_only: bool = False) -> Path:
     """A local folder holding the explainer's files: the path itself when it is a folder,
     else the Hub snapshot of that repo id (downloaded, or from the cache when offline)."""
     path = Path(name_or_folder)
     if path.is_dir():
-        return _check_folder(path)
+        return check_folder(path)
     name = str(name_or_folder)
-    try:
-        validate_repo_id(name)
-        if name.count("/") != 1:  # a bare "name" is a Hub id too, but here it is more likely a missing folder
-            raise HFValidationError("expected 'owner/name'")
-    except HFValidationError as err:
-        raise FileNotFoundError(f"name_or_folder: {name} is neither a folder nor a Hub repo id ({err})") from err
-    return _check_folder(snapshot_folder(name, revision=revision, cache_dir=cache_dir, token=token, what="name_or_folder"))
+    problem = repo_id_problem(name)
+    if problem:
+        raise FileNotFoundError(f"name_or_folder: {name} is neither a folder nor a Hub repo id ({problem})")
+    return check_folder(snapshot_folder(name, revision=revision, cache_dir=cache_dir, token=token,
+                                        force_download=force_download, local_files_only=local_files_only,
+                                        what="name_or_folder"))
 
 
 def snapshot_folder(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                    token: str | None = None, what: str = "repo_id") -> Path:
-    """The local snapshot of a Hub model repo's config, weights and card: downloaded, or from
-    the cache (offline with ``HF_HUB_OFFLINE=1``). Any failure is a ``FileNotFoundError``
-    naming ``what`` and the repo, with the Hub's reason."""
+                    token: str | bool | None = None, what: str = "repo_id", force_download: bool = False,
+                    local_files_only: bool = False) -> Path:
+    """The local snapshot of a Hub model repo's config, weights and card (never its pickles):
+    downloaded, or from the cache (only the cache with ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only``). Any failure is a ``FileNotFoundError`` naming ``what`` and the repo,
+    with the Hub's reason."""
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                      allow_patterns=HUB_FILES))
+                                      allow_patterns=HUB_FILES, force_download=force_download,
+                                      local_files_only=local_files_only))
     except Exception as err:  # offline and not cached, no such repo or revision, gated, a timeout...
         raise FileNotFoundError(f"{what}: could not get Hub repo {repo_id!r} (revision {revision or 'main'}): {err}") from err
-
-
-def push_to_hub(explainer: "Explainer", repo_id: str, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload blackbox-saliency explainer") -> str:
-    """Create the repo if needed and upload ``config.json``, ``model.safetensors`` and the
-    model card in one commit. Returns the commit URL."""
-    try:
-        validate_repo_id(repo_id)
-        if repo_id.count("/") != 1:
-            raise HFValidationError("expected 'owner/name'")
-    except HFValidationError as err:
-        raise ValueError(f"repo_id: not a Hub repo id 'owner/name': {repo_id!r} ({err})") from err
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory() as tmp:
-        explainer.save_pretrained(tmp, repo_id=repo_id)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, repo_type="model")
-    return str(getattr(commit, "commit_url", commit))

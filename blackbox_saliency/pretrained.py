@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .explainer import CONFIG_NAME, WEIGHTS_NAME, Explainer
-from .hub import snapshot_folder
+from .explainer import Explainer
+from .hub import CONFIG_NAME, WEIGHTS_NAME, snapshot_folder
 
 __all__ = ["KNOWN_EXPLAINERS", "WEIGHTS_FOLDER", "pretrained_for", "load_explainer", "shared_explainer",
            "known_explainer_for", "weights_folder"]
@@ -111,7 +111,7 @@ def known_explainer_for(classifier: object, input_shape: tuple[int, ...], device
                     RETRY_AFTER_SECONDS)
         return None
     _failed.pop(name, None)
-    size = (explainer.config.get("classifier") or {}).get("input_size")
+    size = explainer.config.classifier.input_size
     classes = getattr(classifier, "num_classes", None)
     if (classes is not None and classes != explainer.num_classes) or (size and list(input_shape) != list(size)):
         logger.info("the pretrained explainer %s does not fit this classifier or input size; not using it", name)

@@ -205,7 +205,7 @@ def _save_checkpoint(path: Path, explainer: Explainer, optimizer: torch.optim.Op
         "step": step,
         "cpu_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-        "config": json.dumps(explainer.config, sort_keys=True),
+        "config": json.dumps(explainer.config.to_dict(), sort_keys=True),
         "settings": json.dumps(settings.to_dict(), sort_keys=True),
     }
     _atomic_write(path, lambda p: torch.save(state, p))
@@ -404,12 +404,12 @@ def fit_explainer(
                     except RuntimeError as err:
                         raise ValueError(f"init_from: its weights do not fit the explainer these arguments build: {err}") from err
                 explainer.to(device)
-                explainer.config["training"] = settings.to_dict()
+                explainer.config.training = settings.to_dict()
                 if init_name is not None:
-                    explainer.config["training"]["init_from"] = init_name
+                    explainer.config.training["init_from"] = init_name
                 bf16 = _use_bf16(precision, device)
                 layout = device.type == "cpu" if channels_last is None else channels_last
-                explainer.config["training"].update(precision="bf16" if bf16 else "fp32", channels_last=layout)
+                explainer.config.training.update(precision="bf16" if bf16 else "fp32", channels_last=layout)
                 if layout:
                     explainer.to(memory_format=torch.channels_last)
                     if isinstance(classifier, nn.Module):
@@ -514,7 +514,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
         saved_settings = {k: v for k, v in json.loads(state["settings"]).items() if k != "epochs"}
         current = {k: v for k, v in settings.to_dict().items() if k != "epochs"}
         strip = lambda c: {k: v for k, v in c.items() if k != "training"}  # noqa: E731
-        if saved_settings != current or strip(json.loads(state["config"])) != strip(json.loads(json.dumps(explainer.config))):
+        if saved_settings != current or strip(json.loads(state["config"])) != strip(explainer.config.to_dict()):
             raise ValueError(f"resume: {checkpoint_path} was written by a run with other settings or architecture")
         explainer.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -536,7 +536,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     batch_reader = getattr(dataset, "batch", None)
     data = (_preload(dataset, device, num_workers, explainer.num_classes) if preload and not callable(batch_reader)
             else None)
-    channels = explainer.config["in_chans"]
+    channels = explainer.config.in_chans
 
     k = explainer.num_classes
     per_process = settings.batch_size // shard.world
@@ -549,7 +549,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     stage = settings.embedding_steps if settings.embedding_steps is not None else total // 4
     if resumed_state is not None and settings.embedding_steps is None and "embedding_steps" in resumed_state:
         stage = int(resumed_state["embedding_steps"])
-    explainer.config["training"]["embedding_steps_run"] = stage
+    explainer.config.training["embedding_steps_run"] = stage
     dtype = next(iter(params)).dtype if params else torch.float32  # images follow the weights
     running: dict[str, float] = {}
     bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit_explainer", unit="step")
@@ -669,7 +669,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
             "area_weight (docs/objective.md describes this case), and check masks on held-out images.",
             stacklevel=3,
         )
-    explainer.config["training"]["steps"] = step
+    explainer.config.training["steps"] = step
 
 
 def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, images: torch.Tensor,

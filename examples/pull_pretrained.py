@@ -35,7 +35,7 @@ def main() -> None:
     except FileNotFoundError as err:  # offline and not cached: use the copy in this repository
         print(f"{err}\nusing the local copy {LOCAL}")
         explainer = Explainer.from_pretrained(LOCAL)
-    print(f"it explains: {explainer.config['classifier'].get('name')}")
+    print(f"it explains: {explainer.config.classifier.name}")
 
     classifier = PatternClassifier(patch=12)
     data = PlantedPatterns(16, patch=12, seed=123)

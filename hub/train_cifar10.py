@@ -230,9 +230,9 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
         return
     device = explainer.device
     scores = evaluate_explainer(explainer, classifier, images[split:], labels[split:], device)
-    explainer.config["training_data"] = "CIFAR-10 training images 0-44,999 (JPEG copy), random flips"
-    explainer.config["training"]["seconds"] = round(seconds)
-    explainer.config["training"]["device"] = (
+    explainer.config.training_data = "CIFAR-10 training images 0-44,999 (JPEG copy), random flips"
+    explainer.config.training["seconds"] = round(seconds)
+    explainer.config.training["device"] = (
         f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu")
     folder = out / ("explainer-cifar10" if variant == "default" else f"explainer-cifar10-{variant}")
     explainer.save_pretrained(folder)

@@ -129,15 +129,15 @@ def main() -> None:
         return
     explainer.cpu()
     scores = [score(explainer, classifier.cpu(), val, val_decoded, args.score_images, size) for size in (args.size, 224)]
-    device = explainer.config["training"].get("precision", "")
-    explainer.config["training_data"] = (
+    device = explainer.config.training.get("precision", "")
+    explainer.config.training_data = (
         f"{len(train)} Tiny ImageNet train images (64 px), random square crops of {args.crop_scale[0]:.2f}-"
         f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.selector}")
-    explainer.config["training"].update(
+    explainer.config.training.update(
         seconds=round(seconds), machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({device})",
         date=str(date.today()),
         command=" ".join(["python hub/train_lite0.py", *map(shlex.quote, sys.argv[1:])]))
-    explainer.config["evaluation"] = {"data": "Tiny ImageNet val (never trained on), ground-truth label", "results": scores}
+    explainer.config.evaluation = {"data": "Tiny ImageNet val (never trained on), ground-truth label", "results": scores}
     folder = args.out / "explainer-efficientnet_lite0"
     explainer.save_pretrained(folder)
     (folder / "heldout.json").write_text(json.dumps(scores, indent=2) + "\n")

@@ -33,15 +33,15 @@ def main() -> None:
         masks = explainer(test.images, test.labels)
         absent = explainer(test.images, (test.labels + 1) % 4)
     error = localisation_error(masks, [b[None] for b in test.boxes])
-    explainer.config["training_data"] = "blackbox_saliency.testing.PlantedPatterns(4000, patch=12, seed=0)"
-    explainer.config["evaluation"] = (
+    explainer.config.training_data = "blackbox_saliency.testing.PlantedPatterns(4000, patch=12, seed=0)"
+    explainer.config.evaluation = (
         "On `PlantedPatterns(300, patch=12, seed=1)` (images it never saw), measured by "
         f"`python hub/train_planted_demo.py` on a 2-core x86-64 CPU, {date.today()}:\n\n"
         "| localisation error (IoU > 0.5) | mean mask, true class | mean mask, absent class |\n| --- | --- | --- |\n"
         f"| {error:.3f} | {masks.mean():.3f} | {absent.mean():.3f} |"
     )
     explainer.save_pretrained(OUT, repo_id="blackbox-saliency/explainer-planted-demo")
-    print(explainer.config["evaluation"])
+    print(explainer.config.evaluation)
 
 
 if __name__ == "__main__":

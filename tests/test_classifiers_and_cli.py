@@ -69,7 +69,7 @@ def test_cli_fit_then_explain_with_the_explainer(imagenet_samples, tmp_path):
                  "--preload", "--out", str(tmp_path / "explainer")])
     assert code == 0
     explainer = Explainer.from_pretrained(tmp_path / "explainer")
-    assert explainer.num_classes == 1000 and explainer.config["classifier"]["name"] == "efficientnet_lite0"
+    assert explainer.num_classes == 1000 and explainer.config.classifier.name == "efficientnet_lite0"
     code = main(["explain", str(files[0]), "--explainer", str(tmp_path / "explainer"), "--method", "explainer",
                  "--out", str(tmp_path / "out")])
     assert code == 0 and (tmp_path / "out" / f"{files[0].stem}_saliency.png").exists()

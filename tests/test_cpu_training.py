@@ -129,7 +129,7 @@ def test_filter_on_every_scale_blocks_skip_features_where_the_class_is_not_seen(
 
 
 def test_old_configs_load_with_the_papers_filter():
-    config = Explainer(4, **SMALL).config
+    config = Explainer(4, **SMALL).config.to_dict()
     config.pop("class_filter")
     assert Explainer.from_config(config).masking_model.class_filter == "bottleneck"
 
@@ -151,6 +151,6 @@ def test_fp32_and_bf16_training_both_run_and_restore_the_classifier_layout():
     for precision in ("fp32", "bf16"):
         explainer = fit_explainer(classifier, _decoded(n=16), epochs=1, batch_size=8, precision=precision,
                                   channels_last=True, progress=False, **SMALL)
-        assert explainer.config["training"]["precision"] == precision
+        assert explainer.config.training["precision"] == precision
         assert classifier[0].weight.is_contiguous()
         assert next(explainer.parameters()).is_contiguous()

@@ -131,7 +131,7 @@ def test_classifier_features_carry_the_classifiers_weights():
     with torch.no_grad():
         assert torch.allclose(encoder(x)[-1], classifier.forward_features(x), atol=1e-6)
     explainer = Explainer(num_classes=5, encoder=encoder, num_bottlenecks=1)
-    assert explainer.config["encoder"] == "resnet18" and explainer.config["freeze_encoder"]
+    assert explainer.config.encoder == "resnet18" and explainer.config.freeze_encoder
     with pytest.raises(TypeError, match="classifier: expected a timm model"):
         classifier_features(tiny_cnn(4))
 

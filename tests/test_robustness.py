@@ -52,7 +52,7 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(tmp_path):
     assert 0 < saved_step < TOTAL_STEPS and saved_step % 4 == 0  # only at checkpoint intervals and epoch ends
     resumed = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path,
                             resume=True, **FIT)
-    assert resumed.config["training"]["steps"] == TOTAL_STEPS
+    assert resumed.config.training["steps"] == TOTAL_STEPS
     uninterrupted = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), **FIT)
     for name, tensor in uninterrupted.state_dict().items():
         assert torch.allclose(tensor.float(), resumed.state_dict()[name].float(), atol=1e-5), name

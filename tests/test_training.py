@@ -22,7 +22,7 @@ def test_fit_returns_an_eval_explainer_and_leaves_the_classifier_alone():
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
     explainer = _fit(classifier)
     assert isinstance(explainer, Explainer) and not explainer.training
-    assert explainer.num_classes == 4 and explainer.config["training"]["steps"] == 4
+    assert explainer.num_classes == 4 and explainer.config.training["steps"] == 4
     assert classifier.training and all(p.requires_grad for p in classifier.parameters())
     assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
 
@@ -47,7 +47,7 @@ def test_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "last.pt").exists()
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]  # atomic writes leave no litter
     resumed = _fit(seed=3, epochs=2, embedding_steps=2, checkpoint_dir=tmp_path, resume=True)
-    assert resumed.config["training"]["steps"] == 8
+    assert resumed.config.training["steps"] == 8
     assert all(torch.allclose(full[k].float(), resumed.state_dict()[k].float(), atol=1e-5) for k in full)
 
 
@@ -55,8 +55,8 @@ def test_a_resumed_run_keeps_the_embedding_stage_it_started_with(tmp_path):
     # auto: a quarter of the run; the first command's run is 4 steps (stage 1), the second's 8
     _fit(seed=3, epochs=2, max_steps=4, checkpoint_dir=tmp_path)
     resumed = _fit(seed=3, epochs=2, checkpoint_dir=tmp_path, resume=True)
-    assert resumed.config["training"]["embedding_steps_run"] == 1
-    assert _fit(seed=3, epochs=2).config["training"]["embedding_steps_run"] == 2
+    assert resumed.config.training["embedding_steps_run"] == 1
+    assert _fit(seed=3, epochs=2).config.training["embedding_steps_run"] == 2
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -106,7 +106,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_prediction_as_selector():
-    assert _fit(selector="prediction").config["training"]["selector"] == "prediction"
+    assert _fit(selector="prediction").config.training["selector"] == "prediction"
 
 
 @pytest.mark.gpu
@@ -134,7 +134,7 @@ def test_init_from_starts_from_an_explainers_weights(tmp_path):
         assert all(torch.equal(first.state_dict()[k], started[k]) for k in params)
     fresh = _fit(seed=5, lr=0.0).state_dict()
     assert any(not torch.equal(fresh[k], started[k]) for k in params)
-    assert _fit(seed=5, lr=0.0, init_from=first).config["training"]["init_from"] == "an Explainer object"
+    assert _fit(seed=5, lr=0.0, init_from=first).config.training["init_from"] == "an Explainer object"
 
 
 def test_init_from_must_fit_the_architecture():
