@@ -691,18 +691,20 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
                     alternative_image(images, objective.blur_prob, shard=shard))
     out = model(images, class_ids, settings.embedding_loss == "all_classes" and bool(settings.selector_weight))
+    # Every image pays for its mask's area; smoothness and the classifier's terms apply to
+    # images given their real class only (a fake class should get an empty mask, nothing more).
     terms = objective.regulariser_terms(out.low_res_mask)
-    per_image = objective.area_weight * terms["area"] + objective.tv_weight * terms["tv"] * real
+    terms["tv"] = terms["tv"] * real
     zero = out.mask.new_zeros(())
     logged = {"area": out.mask.detach().mean(), "preserve": zero, "destroy": zero}
     if len(real_rows):
         rows = _host_to_device(real_rows, device)
         clf = objective.classifier_terms(classifier, images[rows], out.mask[rows], class_ids[rows],
                                          alternatives=(alternatives[0][rows], alternatives[1][rows]))
-        per_image = per_image.index_add(0, rows, objective.preserve_weight * clf["preserve"]
-                                        + objective.destroy_weight * clf["destroy"])
+        for name, value in clf.items():  # back to one value per image, 0 for the fake rows
+            terms[name] = terms["area"].new_zeros(n).index_add(0, rows, value.to(terms["area"].dtype))
         logged.update(preserve=clf["preserve"].detach().sum(), destroy=clf["destroy"].detach().sum())
-    loss = per_image.mean()
+    loss = objective.combine(terms).mean()  # the objective's weights, in one place
     if settings.selector_weight:
         if settings.embedding_loss == "all_classes":
             embed = presence_loss(out.class_logits, labels)
