@@ -24,8 +24,11 @@ import io
 import json
 import logging
 import platform
+import shlex
+import sys
 import tarfile
 import time
+from datetime import date
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -233,7 +236,13 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer.config.training_data = "CIFAR-10 training images 0-44,999 (JPEG copy), random flips"
     explainer.config.training["seconds"] = round(seconds)
     explainer.config.training["device"] = (
-        f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu")
+        f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    explainer.config.training["date"] = str(date.today())
+    explainer.config.training["command"] = " ".join(["python hub/train_cifar10.py", *map(shlex.quote, sys.argv[1:])])
+    explainer.config.evaluation = {
+        "data": "CIFAR-10 training images 45,000-49,999 (never trained on), true label; blurred alternative",
+        "results": [{"images": len(images) - split, **scores}]}
     folder = out / ("explainer-cifar10" if variant == "default" else f"explainer-cifar10-{variant}")
     explainer.save_pretrained(folder)
     (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(),
