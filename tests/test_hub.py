@@ -43,7 +43,7 @@ def test_model_card_says_what_it_explains(explainer, tmp_path):
     assert "pytorch_model_hub_mixin" in card.data.tags  # the mixin's card data, not a hand-made copy
     assert card.data.license == "mit" and card.data.pipeline_tag == "image-segmentation"
     for text in ("`tiny_cnn`", "nothing else", 'from_pretrained("someone/explainer-tiny")', "| error | 0.1 |", "Dabkowski",
-                 "arxiv.org/abs/1705.07857"):
+                 hub.PAPER_URL):
         assert text in card.text
     assert str(explainer.generate_model_card(repo_id="someone/explainer-tiny")) == str(card)
 
