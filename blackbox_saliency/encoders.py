@@ -1,5 +1,6 @@
-"""Image encoders for the masking model: the CIFAR variant's small random-init CNN, or any
-timm CNN built with ``features_only=True``.
+"""Image encoders for the masking model: the CIFAR variant's small random-init CNN, any timm
+CNN built with ``features_only=True``, or a timm vision transformer turned into a pyramid by
+:class:`SimpleFeaturePyramid`.
 
 An encoder here is an ``nn.Module`` whose forward returns a list of feature maps, finest first,
 with a ``feature_info`` exposing ``channels()`` and ``reduction()`` (timm's convention), so the
@@ -11,9 +12,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SmallEncoder", "build_encoder", "classifier_features", "encoder_pyramid", "DEFAULT_ENCODER"]
+__all__ = ["SmallEncoder", "SimpleFeaturePyramid", "build_encoder", "classifier_features", "encoder_pyramid",
+           "frozen_part", "DEFAULT_ENCODER"]
 
 #: The one default encoder of ``Explainer``, ``fit_explainer`` and the CLI: it needs no download,
 #: so the defaults work offline. Pretrained timm encoders are asked for by name.
@@ -85,6 +88,91 @@ def encoder_pyramid(encoder: nn.Module) -> tuple[list[int], list[int]]:
     return list(info.channels()), list(info.reduction())
 
 
+class _LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``(N, C, H, W)`` map (ViTDet's normalisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _pyramid_level(dim: int, out: int, ups: int, pool: bool) -> nn.Sequential:
+    """One level of the simple feature pyramid: ``ups`` stride-2 deconvolutions (halving the
+    channels each time, LayerNorm and GELU between them) or a 2x2 max pool, then a 1x1
+    projection to ``out`` channels and a 3x3 conv, each followed by LayerNorm."""
+    layers: list[nn.Module] = []
+    for i in range(ups):
+        if i:
+            layers += [_LayerNorm2d(dim), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(dim, max(dim // 2, 1), 2, stride=2))
+        dim = max(dim // 2, 1)
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.Conv2d(dim, out, 1, bias=False), _LayerNorm2d(out),
+               nn.Conv2d(out, out, 3, padding=1, bias=False), _LayerNorm2d(out)]
+    return nn.Sequential(*layers)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """A feature pyramid from a single-scale transformer: ViTDet's simple feature pyramid (Li et
+    al. 2022, "Exploring Plain Vision Transformer Backbones for Object Detection").
+
+    The trunk (a timm ``features_only`` ViT: every map at the patch size ``P``) gives the last
+    block's patch tokens as one ``(N, D, H/P, W/P)`` map. From it come maps at every power-of-two
+    reduction from ``finest`` (default 4, the masking model's mask resolution) to ``2P``: finer
+    ones by stride-2 transposed convolutions (two for 1/4 when ``P`` is 16), ``P`` itself as it
+    is, ``2P`` by a 2x2 max pool; each is then projected to ``channels`` channels (1x1 conv,
+    LayerNorm, 3x3 conv, LayerNorm). For ``P = 16``: reductions 4, 8, 16, 32, as a ResNet's.
+
+    The pyramid's layers are new (random init) whatever the trunk's weights: ``freeze_encoder``
+    freezes only the trunk (:func:`frozen_part`).
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", features_only=True, out_indices=1, dynamic_img_size=True)
+        >>> enc = SimpleFeaturePyramid(vit, channels=32)
+        >>> enc.feature_info.reduction(), [f.shape[-1] for f in enc(torch.zeros(1, 3, 64, 64))]
+        ([4, 8, 16, 32], [16, 8, 4, 2])
+    """
+
+    def __init__(self, trunk: nn.Module, channels: int | Sequence[int] = 256, finest: int = 4):
+        super().__init__()
+        dims, reductions = encoder_pyramid(trunk)
+        patch = reductions[-1]
+        if len(set(reductions)) != 1:
+            raise ValueError(f"trunk: expected a single-scale transformer (all reductions equal), got {reductions}")
+        if finest < 1 or finest & (finest - 1):
+            raise ValueError(f"finest: expected a power of two, got {finest}")
+        if patch < 1 or patch & (patch - 1):
+            raise ValueError(
+                f"encoder: the transformer's patch size {patch} is not a power of two, so no maps at 1/{finest}, "
+                f"1/{2 * finest}... can be made from it by stride-2 steps; build the ViT with a power-of-two patch "
+                "size (timm resamples pretrained patch embeddings: encoder_kwargs={'patch_size': 16})"
+            )
+        ups = []  # deconvolutions per level, finest first; -1 is the max-pooled level
+        r = min(finest, patch)
+        while r < patch:
+            ups.append((patch // r).bit_length() - 1)
+            r *= 2
+        ups += [0, -1]
+        widths = [channels] * len(ups) if isinstance(channels, int) else list(channels)
+        if len(widths) != len(ups) or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in widths):
+            raise ValueError(f"channels: expected a positive int or {len(ups)} of them (one per level), got {channels!r}")
+        self.trunk = trunk
+        self.levels = nn.ModuleList(_pyramid_level(dims[-1], c, max(u, 0), u < 0) for c, u in zip(widths, ups))
+        self.feature_info = _FeatureInfo(widths, [patch >> u if u >= 0 else 2 * patch for u in ups])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens = self.trunk(x)[-1]
+        return [level(tokens) for level in self.levels]
+
+
+def frozen_part(encoder: nn.Module) -> nn.Module:
+    """What ``freeze_encoder`` keeps fixed: the whole encoder, except for a
+    :class:`SimpleFeaturePyramid`, whose new pyramid layers are always trained: only its trunk."""
+    return encoder.trunk if isinstance(encoder, SimpleFeaturePyramid) else encoder
+
+
 def classifier_features(classifier: nn.Module) -> nn.Module:
     """The feature pyramid of a timm classifier, carrying the classifier's own weights: a
     pretrained encoder that needs no download (hand it to ``fit_explainer(encoder=...)``; it is
@@ -118,7 +206,13 @@ def build_encoder(
 ) -> nn.Module:
     """An encoder from a name: ``"small"`` (the CIFAR variant, ``kwargs`` go to
     :class:`SmallEncoder`) or a timm model name (built with ``features_only=True``). A module
-    is returned as it is, after checking that it exposes a feature pyramid."""
+    is returned as it is, after checking that it exposes a feature pyramid.
+
+    A timm model whose maps are all at one scale (a vision transformer: ViT, DeiT, EVA...) is
+    wrapped in a :class:`SimpleFeaturePyramid` on its last block; ``pyramid_channels`` (default
+    256) sets the pyramid's channels, other ``kwargs`` go to timm (``img_size``, ``patch_size``,
+    ``depth``...), and the ViT takes any input size (``dynamic_img_size=True``, where the model has
+    that option, unless given)."""
     if isinstance(encoder, nn.Module):
         encoder_pyramid(encoder)
         return encoder
@@ -130,14 +224,46 @@ def build_encoder(
 
     if not timm.is_model(encoder):
         raise ValueError(f"encoder: {encoder!r} is neither 'small' nor a timm model name")
+    pyramid_channels = kwargs.pop("pyramid_channels", None)
+    single_scale = _is_single_scale(encoder, in_chans, kwargs)
+    if single_scale is None and "out_indices" not in kwargs:  # timm's default, the last 3 blocks, fails under depth 3
+        single_scale = _is_single_scale(encoder, in_chans, {**kwargs, "out_indices": 1}) or None
+    if pyramid_channels is not None and single_scale is False:
+        raise ValueError(f"encoder_kwargs: pyramid_channels is for single-scale transformers; {encoder!r} has a pyramid")
+    if single_scale:
+        kwargs.setdefault("out_indices", 1)  # the last block's tokens only
+        if "dynamic_img_size" not in kwargs and _is_single_scale(encoder, in_chans, {**kwargs, "dynamic_img_size": True}):
+            kwargs["dynamic_img_size"] = True
     if pretrained:
         _check_weights_reachable(encoder)
     try:
-        return timm.create_model(encoder, pretrained=pretrained, features_only=True, in_chans=in_chans, **kwargs)
+        model = timm.create_model(encoder, pretrained=pretrained, features_only=True, in_chans=in_chans, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for models without features_only support
         raise ValueError(f"encoder: timm model {encoder!r} cannot give a feature pyramid ({err})") from err
     except OSError as err:  # weights could not be fetched
         raise RuntimeError(_no_weights_message(encoder, str(err))) from err
+    if single_scale is None:
+        single_scale = len(set(encoder_pyramid(model)[1])) == 1
+    if not single_scale:
+        if pyramid_channels is not None:
+            raise ValueError(f"encoder_kwargs: pyramid_channels is for single-scale transformers; {encoder!r} has a pyramid")
+        return model
+    return SimpleFeaturePyramid(model, 256 if pyramid_channels is None else pyramid_channels)
+
+
+def _is_single_scale(encoder: str, in_chans: int, kwargs: dict[str, Any]) -> bool | None:
+    """Whether timm's ``features_only`` model of that name has all its maps at one reduction (a
+    vision transformer), found on the meta device (no memory, no weights); ``None`` when it cannot
+    be built there (the real build then decides, and reports any error)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            options = {k: v for k, v in kwargs.items() if k != "checkpoint_path"}  # read once, by the real build
+            probe = timm.create_model(encoder, pretrained=False, features_only=True, in_chans=in_chans, **options)
+        return len(set(encoder_pyramid(probe)[1])) == 1
+    except Exception:  # noqa: BLE001 - any failure here is reported by the real build
+        return None
 
 
 def _no_weights_message(encoder: str, why: str) -> str:

@@ -37,7 +37,8 @@ CONFIG_VERSION = 1
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 _SMALL_OPTIONS = {"widths", "layers_per_block"}
-_TIMM_OPTIONS = {"out_indices", "output_stride"}
+# plain sizes only; the last four shape a ViT encoder and its pyramid (encoders.SimpleFeaturePyramid)
+_TIMM_OPTIONS = {"out_indices", "output_stride", "img_size", "patch_size", "depth", "pyramid_channels"}
 
 
 def _check_json(value: object, where: str) -> None:

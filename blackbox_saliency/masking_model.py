@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import encoder_pyramid
+from .encoders import encoder_pyramid, frozen_part
 
 __all__ = ["FeatureFilter", "Upsampler", "MaskingModel", "MaskOutput"]
 
@@ -139,8 +139,8 @@ class MaskingModel(nn.Module):
             raise ValueError(f"encoder: its coarsest map (reduction {reductions[-1]}) must be coarser than the mask's")
         self.encoder = encoder
         self.freeze_encoder = freeze_encoder
-        if freeze_encoder:
-            encoder.requires_grad_(False)
+        if freeze_encoder:  # the whole encoder, or only the trunk of a ViT pyramid (encoders.frozen_part)
+            frozen_part(encoder).requires_grad_(False)
         self.num_classes = num_classes
         self.mask_reduction = mask_reduction
         self.stride = reductions[-1]
@@ -161,7 +161,7 @@ class MaskingModel(nn.Module):
     def train(self, mode: bool = True) -> "MaskingModel":
         super().train(mode)
         if self.freeze_encoder:
-            self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+            frozen_part(self.encoder).eval()  # a frozen encoder keeps its BatchNorm statistics
         return self
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -169,7 +169,8 @@ class MaskingModel(nn.Module):
         pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
         if pad_h or pad_w:  # any size works: pad to a multiple of the encoder's stride, crop after
             images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+        whole = self.freeze_encoder and frozen_part(self.encoder) is self.encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not whole):
             return self.encoder(images)
 
     def presence(self, images: torch.Tensor) -> torch.Tensor:
