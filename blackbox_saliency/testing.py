@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["planted_patterns", "PlantedPatterns", "PatternClassifier", "PatternCNN", "train_pattern_cnn", "mask_boxes",
-           "box_iou", "inside_boxes"]
+__all__ = ["planted_patterns", "PlantedPatterns", "PatternClassifier", "PatternCNN", "train_pattern_cnn",
+           "train_pattern_vit", "mask_boxes", "box_iou", "inside_boxes"]
 
 
 def planted_patterns(patch: int = 8) -> torch.Tensor:
@@ -105,11 +105,47 @@ def train_pattern_cnn(data: PlantedPatterns, steps: int = 400, batch_size: int =
     """Train a :class:`PatternCNN` on ``data`` with Adam (a few seconds on a CPU); eval mode."""
     torch.manual_seed(seed)
     model = PatternCNN(num_classes=int(data.labels.max()) + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return _train_classifier(model, data, steps, batch_size, seed, torch.optim.Adam(model.parameters(), lr=3e-3))
+
+
+def train_pattern_vit(data: PlantedPatterns, steps: int = 300, batch_size: int = 64, seed: int = 0, patch_size: int = 8,
+                      depth: int = 2, embed_dim: int = 64, num_heads: int = 2, lr: float = 1e-3,
+                      fill_prob: float = 0.0) -> nn.Module:
+    """A small timm vision transformer (``vit_tiny_patch16_224``'s design at ``data``'s image size,
+    with these sizes; class token, random init) trained on ``data`` with AdamW; eval mode. A
+    classifier that is not a CNN, for checking explainers on one.
+
+    ``fill_prob``: the share of training images whose background, outside a random box around the
+    pattern, is replaced by what an explainer fills removed evidence with (a blur or a random
+    colour with noise), so that the fill itself is no evidence of any class."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=int(data.labels.max()) + 1,
+                              img_size=data.images.shape[-1], patch_size=patch_size, depth=depth, embed_dim=embed_dim,
+                              num_heads=num_heads)
+    augment = (lambda rows, g: _fill_background(data, rows, fill_prob, g)) if fill_prob else None
+    return _train_classifier(model, data, steps, batch_size, seed, torch.optim.AdamW(model.parameters(), lr=lr), augment)
+
+
+def _fill_background(data: PlantedPatterns, rows: torch.Tensor, prob: float, g: torch.Generator) -> torch.Tensor:
+    from .evidence import alternative_image
+
+    images = data.images[rows]
+    margin = torch.randint(0, 9, (len(rows), 4), generator=g) * torch.tensor([-1, -1, 1, 1])
+    boxes = data.boxes[rows] + margin
+    kept = inside_boxes(boxes, *images.shape[-2:]) | (torch.rand(len(rows), 1, 1, 1, generator=g) >= prob)
+    return torch.where(kept, images, alternative_image(images))
+
+
+def _train_classifier(model: nn.Module, data: PlantedPatterns, steps: int, batch_size: int, seed: int,
+                      optimizer: torch.optim.Optimizer, augment=None) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
+    model.train()
     for _ in range(steps):
         rows = torch.randint(0, len(data), (batch_size,), generator=g)
-        loss = F.cross_entropy(model(data.images[rows]), data.labels[rows])
+        images = data.images[rows] if augment is None else augment(rows, g)
+        loss = F.cross_entropy(model(images), data.labels[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
