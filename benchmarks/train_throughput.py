@@ -33,6 +33,7 @@ from torch.utils.data import Subset
 from blackbox_saliency import fit_explainer
 from blackbox_saliency.classifiers import CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet, cifar10
+from blackbox_saliency.encoders import classifier_features
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -80,12 +81,6 @@ def lite0(random_weights: bool) -> torch.nn.Module:
     return timm.create_model("efficientnet_lite0", pretrained=False).eval()
 
 
-def lite0_encoder(classifier: torch.nn.Module) -> torch.nn.Module:
-    encoder = timm.create_model("efficientnet_lite0", features_only=True, pretrained=False)
-    encoder.load_state_dict(classifier.state_dict(), strict=False)
-    return encoder
-
-
 def tiny_images(images: int, size: int) -> DecodedImages:
     pack = DATA / "tiny-imagenet-200-train-a.tar.gz"
     if pack.exists():
@@ -129,12 +124,12 @@ def main() -> None:
         data = tiny_images(n, size)
         for name, options in precisions:
             rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
-                                 encoder=lite0_encoder(classifier), embedding_steps=0, **options)
+                                 encoder=classifier_features(classifier), embedding_steps=0, **options)
             rows.append((f"EfficientNet-Lite0 explainer, {size} px, {name}", args.lite0_batch, rate, peak))
         if size == args.sizes[0]:
             stage = args.warmup + args.steps
             rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
-                                 encoder=lite0_encoder(classifier), embedding_steps=stage + 1)
+                                 encoder=classifier_features(classifier), embedding_steps=stage + 1)
             rows.append((f"EfficientNet-Lite0 explainer, {size} px, embedding stage, auto", args.lite0_batch, rate, peak))
     data = cifar_images(n)
     for name, options in precisions:
