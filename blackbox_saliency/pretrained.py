@@ -76,7 +76,11 @@ def shared_explainer(name_or_folder: str | os.PathLike, revision: str | None = N
     """One explainer per (name, revision, device), loaded once per process and shared by every
     caller: treat it as read-only (``explain`` does). For a module to change (``.to()``,
     ``for_inference``), use :func:`load_explainer`, which gives a copy of your own."""
-    key = (os.fspath(name_or_folder), revision, str(torch.device(device)))
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: not a device: {device!r}") from err
+    key = (os.fspath(name_or_folder), revision, str(device))
     with _lock:
         if key not in _cache:
             _cache[key] = load_explainer(key[0], revision=revision, map_location=device)

@@ -44,6 +44,8 @@ def test_shared_explainer_is_per_device_and_user_copies_are_their_own(saved):
     mine = pretrained.load_explainer(folder)
     mine.to(torch.float64)  # changing one's own copy changes nobody else's
     assert next(cpu.parameters()).dtype == torch.float32 and mine is not cpu
+    with pytest.raises(ValueError, match="device: not a device"):
+        pretrained.shared_explainer(folder, device="no-such-device")
 
 
 def test_a_failed_load_is_retried_later_not_never(saved, monkeypatch):
