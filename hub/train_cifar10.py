@@ -11,7 +11,7 @@ GPU, bf16, SGD with a one-cycle schedule) and writes ``OUT/classifier-cifar10``:
 safetensors weights, config and log, with its accuracy on the 10,000 test images.
 
 ``explainer`` trains an explainer with ``encoder="small"`` (random init, 3 blocks of 5 convs) on
-the first 45,000 training images and scores it on the last 5,000, which it never saw, with the
+45,000 training images and scores it on the other 5,000 (500 per class), which it never saw, with the
 saliency metric and mask areas: model selection uses those, never the test set. It writes
 ``OUT/explainer-cifar10`` (other variants: ``OUT/explainer-cifar10-<variant>``).
 """
@@ -48,6 +48,9 @@ VARIANTS = {
     "area2": {"area_weight": 2.0},
 }
 EXPLAINER_WIDTHS = [32, 64, 128]
+HELDOUT_PER_CLASS = 500  # 5,000 of the 50,000 training images, never trained on
+HELDOUT_DATA = ("CIFAR-10 training images held out by hub/train_cifar10.py heldout_split (500 per class, never "
+                "trained on), true label; blurred alternative")
 MASK_REDUCTION = 2  # a 16 x 16 mask for 32 px images: at 1/4 an 8 px object is two mask pixels
 
 
@@ -72,6 +75,26 @@ def load_pack(pack: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             labels = torch.tensor([CIFAR10_CLASSES.index(name.split("/")[2]) for name, _ in decoded])
             out[split] = (images, labels)
     return out
+
+
+def heldout_split(labels: torch.Tensor, per_class: int = 500, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, heldout)`` of the training images: ``per_class`` images of every class,
+    drawn by a fixed permutation, are held out for model selection.
+
+    The pack's images come sorted by class, so a plain "last 5,000" would hold out only trucks
+    and train on none (the first CIFAR-10 explainer run did exactly that).
+    """
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        held[order[labels[order] == c][:per_class]] = True
+    return order[~held[order]], held.nonzero().squeeze(1)
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, limit: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``limit`` images drawn by a fixed permutation (every class, not the first one's only)."""
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return images[keep], labels[keep]
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -214,9 +237,10 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     classifier, _ = _load_cifar10()
     classifier.to(device)
     images, labels = data["train"]
-    split = len(images) * 9 // 10  # 45,000 of 50,000
+    num_classes = len(CIFAR10_CLASSES)
+    train_rows, heldout_rows = heldout_split(labels, per_class=min(HELDOUT_PER_CLASS, len(labels) // (10 * num_classes)))
     # uint8 in memory, normalised a batch at a time (no loader)
-    train_set = DecodedImages(images[:split], labels[:split], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    train_set = DecodedImages(images[train_rows], labels[train_rows], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     objective = SaliencyObjective(**VARIANTS[variant])
     start = time.time()
     explainer = fit_explainer(
@@ -232,8 +256,9 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
         return
     device = explainer.device
-    scores = evaluate_explainer(explainer, classifier, images[split:], labels[split:], device)
-    explainer.config.training_data = "CIFAR-10 training images 0-44,999 (JPEG copy), random flips"
+    scores = evaluate_explainer(explainer, classifier, images[heldout_rows], labels[heldout_rows], device)
+    explainer.config.training_data = (f"CIFAR-10 training images (JPEG copy) but the held-out {len(heldout_rows):,} "
+                                      "(hub/train_cifar10.py heldout_split), random flips")
     explainer.config.training["seconds"] = round(seconds)
     explainer.config.training["device"] = (
         f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
@@ -241,12 +266,11 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer.config.training["date"] = str(date.today())
     explainer.config.training["command"] = " ".join(["python hub/train_cifar10.py", *map(shlex.quote, sys.argv[1:])])
     explainer.config.evaluation = {
-        "data": "CIFAR-10 training images 45,000-49,999 (never trained on), true label; blurred alternative",
-        "results": [{"images": len(images) - split, **scores}]}
+        "data": HELDOUT_DATA, "results": [{"images": len(heldout_rows), **scores}]}
     folder = out / ("explainer-cifar10" if variant == "default" else f"explainer-cifar10-{variant}")
     explainer.save_pretrained(folder)
     (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(),
-                                                     "heldout_images": "CIFAR-10 training images 45,000-49,999",
+                                                     "heldout_images": HELDOUT_DATA,
                                                      **scores}, indent=2))
     print(f"explainer {variant}: {seconds:.0f}s, held-out {json.dumps(scores)}", flush=True)
 
@@ -272,7 +296,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = load_pack(args.pack)
     if args.limit:
-        data = {k: (v[0][: args.limit], v[1][: args.limit]) for k, v in data.items()}
+        data = {k: subset(*v, args.limit) for k, v in data.items()}
     if args.stage == "classifier":
         checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs"
         train_classifier(data, args.out, args.epochs or 30, device, args.seed, checkpoints)
