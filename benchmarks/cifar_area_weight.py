@@ -3,9 +3,9 @@
     python benchmarks/cifar_area_weight.py --pack ../shared/data/cifar10-jpeg.tar.gz
 
 Trains a narrow ResNet-9 (width 16) on the CIFAR-10 pack for a few epochs, then explainers
-(small encoder, widths 16/32/64) with several objectives for a fixed number of steps on the
-first 45,000 training images, and scores each on training images 45,000-49,999 (never seen by
-the explainer): saliency metric, mask area for the true and for an absent class, and the class
+(small encoder, widths 16/32/64) with several objectives for a fixed number of steps on 45,000
+training images, and scores each on the other 5,000, 500 per class (never seen by the explainer;
+``heldout_split`` of hub/train_cifar10.py): saliency metric, mask area for the true and for an absent class, and the class
 probability on the preserved and the removed image. Prints a markdown table.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
-from train_cifar10 import augment, evaluate_explainer, load_pack, normalise  # noqa: E402
+from train_cifar10 import augment, evaluate_explainer, heldout_split, load_pack, normalise  # noqa: E402
 
 from blackbox_saliency import SaliencyObjective, fit_explainer  # noqa: E402
 from blackbox_saliency.classifiers import CifarResNet  # noqa: E402
@@ -48,6 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = load_pack(args.pack)
     images, labels = data["train"]
+    train_rows, heldout_rows = heldout_split(labels)
     args.cache.mkdir(parents=True, exist_ok=True)
     classifier = CifarResNet(width=16)
     weights = args.cache / f"classifier-w16-e{args.classifier_epochs}.pt"
@@ -74,13 +75,13 @@ def main() -> None:
     with torch.no_grad():
         acc = sum((classifier(normalise(test_x[i : i + 1000])).argmax(1) == test_y[i : i + 1000]).sum().item()
                   for i in range(0, 10000, 1000)) / 10000
-        margins = classifier(normalise(images[45000:46000])).topk(2, 1).values
+        margins = classifier(normalise(images[heldout_rows[:1000]])).topk(2, 1).values
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; classifier "
           f"test accuracy {acc:.3f}, median top-2 logit gap {(margins[:, 0] - margins[:, 1]).median():.2f}; "
           f"{args.steps} explainer steps of batch 64\n")
     print("| objective | saliency metric | area, true class | area, absent class | p original | p preserved | p removed | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    train_set = TensorDataset(normalise(images[:45000]), labels[:45000])
+    train_set = TensorDataset(normalise(images[train_rows]), labels[train_rows])
     for name, settings in VARIANTS.items():
         if args.only and not name.startswith(args.only):
             continue
@@ -88,7 +89,7 @@ def main() -> None:
         explainer = fit_explainer(classifier, train_set, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
                                   epochs=100, max_steps=args.steps, device="cpu", progress=False,
                                   objective=SaliencyObjective(**settings))
-        r = evaluate_explainer(explainer, classifier, images[45000:], labels[45000:], "cpu")
+        r = evaluate_explainer(explainer, classifier, images[heldout_rows], labels[heldout_rows], "cpu")
         print(f"| {name} | {r['saliency_metric']:.3f} | {r['area_true']:.3f} | {r['area_absent']:.3f} | "
               f"{r['p_original']:.3f} | {r['p_preserved']:.3f} | {r['p_removed']:.3f} | {time.time() - start:.0f} |", flush=True)
 
