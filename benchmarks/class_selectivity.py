@@ -25,7 +25,7 @@ from datetime import date
 import torch
 
 from blackbox_saliency import fit_explainer
-from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, inside_boxes, mask_boxes, train_pattern_cnn
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, inside_boxes, mask_boxes, train_pattern_cnn
 
 VARIANTS = {
     "paper's filter (bottleneck only), sampled embedding loss": {"class_filter": "bottleneck", "embedding_loss": "sampled"},
@@ -59,7 +59,7 @@ def score(explainer, test) -> dict[str, float]:
     centroid_in = ((cx >= b[:, 0] - 0.5) & (cx <= b[:, 2] + 0.5) & (cy >= b[:, 1] - 0.5) & (cy <= b[:, 3] + 0.5))
     centroid_in &= masks.flatten(1).sum(1) > 1e-3 * h * w  # an empty mask points nowhere
     return {
-        "hit": (box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item(),
+        "hit": (paired_box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item(),
         "centroid": centroid_in.float().mean().item(),
         "inside": masks[inside].mean().item(),
         "outside": masks[~inside].mean().item(),

@@ -16,13 +16,13 @@ import time
 import torch
 
 from blackbox_saliency import SaliencyObjective, fit_explainer
-from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
 
 VARIANTS = {
     "default (hinge, area 8*mean((M+5e-4)^0.3), TV 10)": ({}, {}),
     "paper's probability terms, default area": ({"classifier_loss": "probability", "preserve_weight": 1.0, "destroy_weight": 5.0}, {}),
     "paper literally (SaliencyObjective.paper())": ("paper", {}),
-    "default, no embedding speed-up (selector_weight=0)": ({}, {"selector_weight": 0.0}),
+    "default, no embedding speed-up (presence_weight=0)": ({}, {"presence_weight": 0.0}),
     "default, no fake labels (fake_label_prob=0)": ({}, {"fake_label_prob": 0.0}),
     "hinge, linear area (power 1) 2": ({"area_power": 1.0, "area_eps": 0.0, "area_weight": 2.0}, {}),
     "hinge, linear area (power 1) 5": ({"area_power": 1.0, "area_eps": 0.0, "area_weight": 5.0}, {}),
@@ -58,7 +58,7 @@ def main() -> None:
             images, labels = test.images.to(args.device), test.labels.to(args.device)
             masks = explainer(images, labels).cpu()
             absent = explainer(images, (labels + 1) % 4).cpu()
-        hits = (box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item()
+        hits = (paired_box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item()
         print(f"| {name} | {hits:.2f} | {masks.mean().item():.3f} | {absent.mean().item():.3f} | {seconds:.0f} |")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 import torch
 from PIL import Image
 
-from ._classifier import device_of, frozen
+from ._blackbox import device_of, frozen
 from ._validation import (ClassIds, LogitsOf, check_class_ids, check_classifier, check_images, check_logits,
                           probe_classifier)
 from .explainer import Explainer

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._classifier import frozen
+from ._blackbox import frozen
 from ._validation import check_class_ids, check_images
 
 __all__ = ["map_to_mask", "centre_box", "max_box", "gradient_saliency", "grad_cam", "captum_saliency", "captum_occlusion", "BASELINES"]

@@ -329,7 +329,7 @@ def _fit(args: argparse.Namespace) -> int:
             model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
             preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
-            selector="prediction",
+            class_source="prediction",
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},
         )

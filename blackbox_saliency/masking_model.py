@@ -22,7 +22,7 @@ class MaskOutput(NamedTuple):
     """``(N, 1, H, W)`` in ``[0, 1]`` at the input resolution."""
     low_res_mask: torch.Tensor
     """``(N, 1, H/r, W/r)``: the mask as produced (``r`` is ``mask_reduction``), before upsampling."""
-    selector_logit: torch.Tensor
+    presence_logit: torch.Tensor
     """``(N,)``: ``max_ij X_ij^T C_s``, high when class ``s`` is present (the embedding speed-up)."""
     class_logits: torch.Tensor | None = None
     """``(N, K)``: ``max_ij X_ij^T C_k`` for every class ``k``, when asked for (the presence
@@ -45,8 +45,8 @@ class FeatureFilter(nn.Module):
     def forward(self, features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Filtered features, the attention ``sigmoid(X_ij^T C_s)`` ``(N, 1, h, w)`` and the
         per-image ``max_ij X_ij^T C_s``."""
-        selector = self.embedding(class_ids)  # (N, C)
-        logits = torch.einsum("nchw,nc->nhw", features, selector.to(features.dtype)).unsqueeze(1)
+        class_embedding = self.embedding(class_ids)  # (N, C)
+        logits = torch.einsum("nchw,nc->nhw", features, class_embedding.to(features.dtype)).unsqueeze(1)
         attention = torch.sigmoid(logits)
         return features * attention, attention, logits.flatten(1).amax(1)
 
@@ -182,7 +182,7 @@ class MaskingModel(nn.Module):
         """Masks for ``class_ids``; ``class_logits=True`` also scores every class (training)."""
         height, width = images.shape[-2:]
         features = self._features(images)
-        x, attention, selector_logit = self.feature_filter(features[-1], class_ids)
+        x, attention, presence_logit = self.feature_filter(features[-1], class_ids)
         scores = self.feature_filter.class_logits(features[-1]).float() if class_logits else None
         for i, upsampler in zip(self._skip_indices, self.upsamplers):
             skip = features[i]
@@ -193,4 +193,4 @@ class MaskingModel(nn.Module):
         low_res = (c0 / (c0 + c1 + 1e-6)).unsqueeze(1)
         padded = (height + (-height) % self.stride, width + (-width) % self.stride)
         mask = F.interpolate(low_res, size=padded, mode="bilinear", align_corners=False)
-        return MaskOutput(mask[..., :height, :width].clamp(0, 1), low_res, selector_logit.float(), scores)
+        return MaskOutput(mask[..., :height, :width].clamp(0, 1), low_res, presence_logit.float(), scores)

@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torchvision.ops import roi_align
 
-from ._classifier import frozen
+from ._blackbox import frozen
 from ._validation import check_class_ids, check_classifier, check_images, check_logits
 from .evidence import blur_sigma_for, gaussian_blur
 
@@ -56,19 +57,19 @@ def tightest_box(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return boxes.long()
 
 
+def _continuous(boxes: torch.Tensor) -> torch.Tensor:
+    """Inclusive pixel boxes ``x0, y0, x1, y1`` as the continuous boxes torchvision.ops measures."""
+    return boxes.float() + boxes.new_tensor([0, 0, 1, 1], dtype=torch.float32)
+
+
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     """Pixels inside inclusive boxes ``(N, 4)``."""
-    return ((boxes[:, 2] - boxes[:, 0] + 1).clamp(min=0) * (boxes[:, 3] - boxes[:, 1] + 1).clamp(min=0)).float()
+    return torchvision.ops.box_area(_continuous(boxes))
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU between every box of ``a (N, 4)`` and every box of ``b (M, 4)``: ``(N, M)``."""
-    x0 = torch.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = torch.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = torch.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = torch.minimum(a[:, None, 3], b[None, :, 3])
-    inter = ((x1 - x0 + 1).clamp(min=0) * (y1 - y0 + 1).clamp(min=0)).float()
-    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter)
+    """IoU between every inclusive-pixel box of ``a (N, 4)`` and every one of ``b (M, 4)``: ``(N, M)``."""
+    return torchvision.ops.box_iou(_continuous(a), _continuous(b))
 
 
 def _gt_box_list(gt_boxes: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:

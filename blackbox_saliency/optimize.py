@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._classifier import frozen
+from ._blackbox import frozen
 from .objective import SaliencyObjective
 
 __all__ = ["optimize_masks"]

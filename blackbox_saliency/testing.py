@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 __all__ = ["planted_patterns", "PlantedPatterns", "PatternClassifier", "PatternCNN", "train_pattern_cnn",
-           "train_pattern_vit", "mask_boxes", "box_iou", "inside_boxes"]
+           "train_pattern_vit", "mask_boxes", "paired_box_iou", "inside_boxes"]
 
 
 def planted_patterns(patch: int = 8) -> torch.Tensor:
@@ -159,11 +159,21 @@ def mask_boxes(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return tightest_box(masks, threshold)
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows of two ``(N, 4)`` inclusive-pixel box tensors."""
-    from .metrics import box_iou as pairwise
+def paired_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(N,)``: IoU of row ``i`` of ``a`` with row ``i`` of ``b``, two ``(N, 4)`` inclusive-pixel
+    box tensors (:func:`blackbox_saliency.metrics.box_iou` gives every pair, ``(N, M)``)."""
+    from .metrics import box_iou
 
-    return pairwise(a, b).diagonal()
+    return box_iou(a, b).diagonal()
+
+
+def __getattr__(name: str):
+    if name == "box_iou":  # the old name of paired_box_iou, easily mistaken for metrics.box_iou
+        import warnings
+
+        warnings.warn("blackbox_saliency.testing.box_iou is now paired_box_iou", FutureWarning, stacklevel=2)
+        return paired_box_iou
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def inside_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,19 +19,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from ._classifier import device_of, frozen
+from ._blackbox import device_of, frozen
 from ._validation import check_classifier, probe_classifier
 from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, sync_batchnorm, unsync_batchnorm
 from .evidence import alternative_image
 from .encoders import DEFAULT_ENCODER
-from .explainer import Explainer, _atomic_write
+from ._checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from .explainer import Explainer
 from .masking_model import MaskOutput
 from .objective import SaliencyObjective
 
 __all__ = ["fit_explainer", "CHECKPOINT_NAME"]
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_NAME = "last.pt"
+_RENAMED_ARGUMENTS = {"selector": "class_source", "selector_weight": "presence_weight"}
 _SYNC_EVERY = 20  # steps between reading losses back from the device
 
 
@@ -45,8 +45,8 @@ class _Settings:
     lr: float
     seed: int
     fake_label_prob: float
-    selector: str
-    selector_weight: float
+    class_source: str
+    presence_weight: float
     augment: bool
     embedding_loss: str = "all_classes"
     embedding_steps: int | None = 0  # None: a quarter of the run, resolved when it starts
@@ -194,31 +194,6 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def _save_checkpoint(path: Path, explainer: Explainer, optimizer: torch.optim.Optimizer, settings: _Settings,
-                     epoch: int, batch: int, step: int, device: torch.device, embedding_steps: int) -> None:
-    state = {
-        "embedding_steps": embedding_steps,
-        "model": explainer.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "batch": batch,
-        "step": step,
-        "cpu_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-        "config": json.dumps(explainer.config.to_dict(), sort_keys=True),
-        "settings": json.dumps(settings.to_dict(), sort_keys=True),
-    }
-    _atomic_write(path, lambda p: torch.save(state, p))
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    try:
-        # weights_only: a checkpoint is data, never code
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # truncated, corrupted or not ours
-        raise RuntimeError(f"checkpoint_dir: {path} is unreadable or corrupted ({err}); delete it or start with resume=False") from err
-
-
 def fit_explainer(
     classifier: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
@@ -236,8 +211,8 @@ def fit_explainer(
     objective: SaliencyObjective | dict[str, float] | None = None,
     lr: float = 1e-3,
     fake_label_prob: float = 0.3,
-    selector: Literal["label", "prediction"] = "label",
-    selector_weight: float = 1.0,
+    class_source: Literal["label", "prediction"] = "label",
+    presence_weight: float = 1.0,
     embedding_loss: Literal["all_classes", "sampled"] = "all_classes",
     embedding_steps: int | None = None,
     freeze_embedding: bool = False,
@@ -277,10 +252,11 @@ def fit_explainer(
         objective: a :class:`SaliencyObjective` or a dict of its fields.
         fake_label_prob: share of samples given a wrong class; only the area term applies to
             them, so the model learns an empty mask for a class that is absent.
-        selector: the class to explain in training, the dataset's ``"label"`` or the
-            classifier's own ``"prediction"``.
-        selector_weight: weight of the paper's embedding speed-up, a binary cross-entropy that
-            makes ``max_ij sigmoid(X_ij^T C_s)`` high for a class in the image and low for others.
+        class_source: the class to explain in training, the dataset's ``"label"`` or the
+            classifier's own ``"prediction"`` (was ``selector``).
+        presence_weight: weight of the presence loss, the paper's embedding speed-up: a binary
+            cross-entropy that makes ``max_ij sigmoid(X_ij^T C_s)`` high for a class in the
+            image and low for others (was ``selector_weight``).
         embedding_loss: ``"all_classes"`` (default) scores every class for every image, the
             image's own as present and all others as absent (balanced); ``"sampled"`` scores only
             the class each image was given (real or fake), as the paper describes it.
@@ -332,6 +308,12 @@ def fit_explainer(
         >>> explainer = fit_explainer(classifier, train_set, encoder="small", epochs=20)  # doctest: +SKIP
         >>> masks = explainer(images, class_ids)  # doctest: +SKIP
     """
+    for old, new in _RENAMED_ARGUMENTS.items():  # the old names still work, with a warning
+        if old in explainer_kwargs:
+            warnings.warn(f"fit_explainer: {old}= is now {new}=", FutureWarning, stacklevel=2)
+            value = explainer_kwargs.pop(old)
+            class_source, presence_weight = ((value, presence_weight) if new == "class_source"
+                                             else (class_source, value))
     classifier = check_classifier(classifier)
     image0, _ = _check_dataset(dataset)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
@@ -352,8 +334,8 @@ def fit_explainer(
     if embedding_steps is not None and (isinstance(embedding_steps, bool) or not isinstance(embedding_steps, int)
                                         or embedding_steps < 0):
         raise ValueError(f"embedding_steps: expected an int >= 0, got {embedding_steps!r}")
-    if selector not in ("label", "prediction"):
-        raise ValueError(f"selector: expected 'label' or 'prediction', got {selector!r}")
+    if class_source not in ("label", "prediction"):
+        raise ValueError(f"class_source: expected 'label' or 'prediction', got {class_source!r}")
     if isinstance(objective, dict):
         objective = SaliencyObjective.from_dict(objective)
     objective = objective or SaliencyObjective()
@@ -377,7 +359,7 @@ def fit_explainer(
         if batch_size % group.shard.world:
             raise ValueError(f"batch_size: {batch_size} must be divisible by the number of processes ({group.shard.world})")
         device = group.device
-        settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, selector, selector_weight, augment,
+        settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, class_source, presence_weight, augment,
                              embedding_loss, embedding_steps, bool(freeze_embedding))
         original_device = device_of(classifier, device)
         if isinstance(classifier, nn.Module):
@@ -509,21 +491,9 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     start_epoch, start_batch, step = 0, 0, 0
     resumed_state = None
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = resumed_state = _load_checkpoint(checkpoint_path, device)
-        # epochs may grow (training extended); everything else must match
-        saved_settings = {k: v for k, v in json.loads(state["settings"]).items() if k != "epochs"}
-        current = {k: v for k, v in settings.to_dict().items() if k != "epochs"}
-        strip = lambda c: {k: v for k, v in c.items() if k != "training"}  # noqa: E731
-        if saved_settings != current or strip(json.loads(state["config"])) != strip(explainer.config.to_dict()):
-            raise ValueError(f"resume: {checkpoint_path} was written by a run with other settings or architecture")
-        explainer.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        # Every process's generators are in the same state (they draw the whole batch), so
-        # process 0's saved state fits them all, with any number of processes.
-        torch.set_rng_state(state["cpu_rng"].cpu())
-        if device.type == "cuda" and state["cuda_rng"].numel():
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        resumed_state = load_checkpoint(checkpoint_path, device)
+        start_epoch, start_batch, step = restore(resumed_state, checkpoint_path, explainer, optimizer,
+                                                 settings.to_dict(), device)
         if group.is_main:
             logger.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint_path, start_epoch, start_batch, step)
 
@@ -592,7 +562,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
         flush()  # never checkpoint weights that a non-finite loss has touched
         if checkpoint_path is not None and saved != position:
             if group.is_main:
-                _save_checkpoint(checkpoint_path, explainer, optimizer, settings, *position, step, device, stage)
+                save_checkpoint(checkpoint_path, explainer, optimizer, settings.to_dict(), *position, step, device, stage)
             saved = position
 
     explainer.train()
@@ -690,7 +660,7 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     # how many images of this process's share are real.
     alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
                     alternative_image(images, objective.blur_prob, shard=shard))
-    out = model(images, class_ids, settings.embedding_loss == "all_classes" and bool(settings.selector_weight))
+    out = model(images, class_ids, settings.embedding_loss == "all_classes" and bool(settings.presence_weight))
     # Every image pays for its mask's area; smoothness and the classifier's terms apply to
     # images given their real class only (a fake class should get an empty mask, nothing more).
     terms = objective.regulariser_terms(out.low_res_mask)
@@ -705,12 +675,12 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
             terms[name] = terms["area"].new_zeros(n).index_add(0, rows, value.to(terms["area"].dtype))
         logged.update(preserve=clf["preserve"].detach().sum(), destroy=clf["destroy"].detach().sum())
     loss = objective.combine(terms).mean()  # the objective's weights, in one place
-    if settings.selector_weight:
+    if settings.presence_weight:
         if settings.embedding_loss == "all_classes":
             embed = presence_loss(out.class_logits, labels)
         else:
-            embed = F.binary_cross_entropy_with_logits(out.selector_logit, real.float())
-        loss = loss + settings.selector_weight * embed
+            embed = F.binary_cross_entropy_with_logits(out.presence_logit, real.float())
+        loss = loss + settings.presence_weight * embed
         logged["embed"] = embed.detach()
     logged["loss"] = loss.detach()
     return loss, logged, len(real_rows)
@@ -724,7 +694,7 @@ def _flip_and_select(classifier, images: torch.Tensor, labels: torch.Tensor, set
     flip = shard.rand(n) < 0.5
     if settings.augment:
         images = torch.where(_host_to_device(flip, device).view(n, 1, 1, 1), images.flip(-1), images)
-    if settings.selector == "prediction":
+    if settings.class_source == "prediction":
         with torch.no_grad():
             labels = classifier(images).argmax(1)
     return images, labels

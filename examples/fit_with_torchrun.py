@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from blackbox_saliency import fit_explainer
-from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
         explainer.save_pretrained(args.out)
         with torch.no_grad():
             masks = explainer(test.images, test.labels)
-        hits = (box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item()
+        hits = (paired_box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item()
         print(f"{int(os.environ.get('WORLD_SIZE', '1'))} process(es), {args.steps} steps: the mask covers the "
               f"planted pattern in {hits:.0%} of held-out images; saved to {args.out}")
 

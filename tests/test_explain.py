@@ -43,7 +43,7 @@ def test_optimize_runs_and_leaves_the_classifier_alone():
 
 
 def test_optimize_finds_the_planted_pattern():
-    from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, mask_boxes
+    from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
 
     data = PlantedPatterns(8, patch=12, seed=3)
     masks = explain(PatternClassifier(patch=12), data.images, data.labels, method="optimize", steps=150)

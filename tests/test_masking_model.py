@@ -33,7 +33,7 @@ def test_decoder_widths_follow_the_encoder():
 def test_gradients_reach_decoder_and_embedding_not_frozen_encoder():
     explainer = Explainer(num_classes=4, encoder="resnet18", pretrained_encoder=False, freeze_encoder=True).train()
     out = explainer.masks_with_details(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
-    (out.mask.mean() + out.selector_logit.mean()).backward()
+    (out.mask.mean() + out.presence_logit.mean()).backward()
     mm = explainer.masking_model
     assert mm.feature_filter.embedding.weight.grad is not None
     assert mm.head.weight.grad.abs().sum() > 0

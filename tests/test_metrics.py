@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from blackbox_saliency.metrics import box_iou, localisation_error, saliency_metric, tightest_box
+from blackbox_saliency.metrics import box_area, box_iou, localisation_error, saliency_metric, tightest_box
 
 from conftest import ConstantLogits
 
@@ -70,3 +70,20 @@ def test_saliency_metric_of_the_full_box_is_minus_log_p_of_the_plain_image_on_a_
         expected = -torch.log_softmax(model(images), 1).gather(1, labels[:, None]).squeeze(1)
     s = saliency_metric(model, images, None, labels, boxes=full)
     assert torch.allclose(s, expected, atol=1e-5)
+
+
+def test_box_iou_inclusive_pixels_and_paired_form():
+    from blackbox_saliency.testing import paired_box_iou
+
+    a = torch.tensor([[0, 0, 0, 0], [0, 0, 3, 3]])  # one pixel; 4 x 4 pixels
+    b = torch.tensor([[0, 0, 1, 0], [2, 2, 5, 5]])  # two pixels; 4 x 4 overlapping a's 2 x 2
+    assert box_area(a).tolist() == [1.0, 16.0]
+    assert torch.allclose(box_iou(a, b), torch.tensor([[0.5, 0.0], [2 / 16, 4 / 28]]))
+    assert paired_box_iou(a, b).tolist() == pytest.approx([0.5, 4 / 28])
+
+
+def test_testing_box_iou_old_name_warns():
+    import blackbox_saliency.testing as testing
+
+    with pytest.warns(FutureWarning, match="paired_box_iou"):
+        assert testing.box_iou is testing.paired_box_iou

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blackbox_saliency import Explainer, fit_explainer
-from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, box_iou, inside_boxes, mask_boxes, train_pattern_cnn
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, inside_boxes, mask_boxes, train_pattern_cnn
 
 PATCH = 12
 ENCODER = {"encoder": "small", "encoder_kwargs": {"widths": [16, 32, 64]}}
@@ -15,7 +15,7 @@ ENCODER = {"encoder": "small", "encoder_kwargs": {"widths": [16, 32, 64]}}
 def _hit_rate(explainer, data):
     with torch.no_grad():
         masks = explainer(data.images, data.labels)
-    return (box_iou(mask_boxes(masks), data.boxes) > 0.5).float().mean().item()
+    return (paired_box_iou(mask_boxes(masks), data.boxes) > 0.5).float().mean().item()
 
 
 @pytest.fixture(scope="module")

@@ -105,8 +105,16 @@ def test_bad_arguments(tmp_path):
         _fit(checkpoint_dir=blocker / "sub")
 
 
-def test_prediction_as_selector():
-    assert _fit(selector="prediction").config.training["selector"] == "prediction"
+def test_prediction_as_class_source():
+    assert _fit(class_source="prediction").config.training["class_source"] == "prediction"
+
+
+def test_old_argument_names_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="selector= is now class_source="):
+        explainer = _fit(selector="prediction")
+    assert explainer.config.training["class_source"] == "prediction"
+    with pytest.warns(FutureWarning, match="selector_weight= is now presence_weight="):
+        assert _fit(selector_weight=0.5).config.training["presence_weight"] == 0.5
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Keep a black-box classifier untouched while we use it: eval mode and no parameter gradients
+"""Using a black-box classifier without changing it: eval mode and no parameter gradients
 for the duration, everything restored afterwards."""
 
 from __future__ import annotations
