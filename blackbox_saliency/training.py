@@ -265,8 +265,10 @@ def fit_explainer(
             These steps are cheap (no decoder, no classifier calls) and count towards the
             total. Default: a quarter of all steps. Without the stage, the mask losses swamp
             the embedding's and it never learns which class is present (docs/objective.md).
-        freeze_embedding: keep the class embedding as the embedding stage left it while the
-            masks train (the authors' code does); otherwise the mask losses go on moving it.
+        freeze_embedding: keep what the embedding stage trained as it left it while the masks
+            train: the class embedding and, when it is trained (``encoder="small"``), the encoder
+            with its BatchNorm statistics; the authors' code trains the decoder against a fixed
+            encoder and embedding. Otherwise the mask losses go on moving them.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
         num_workers: DataLoader worker processes decoding images (per process).
@@ -433,6 +435,22 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"checkpoint_dir: {folder} is not writable ({err})") from err
 
 
+def _fix_embedding_stage(explainer: Explainer) -> list[nn.Parameter]:
+    """Freeze what the embedding stage trained: the class embedding and, when it trains, the
+    encoder (its BatchNorm statistics too). The authors' code trains the decoder against a
+    fixed encoder and embedding; a random-init encoder left to the mask losses unlearns which
+    class is present. Returns the parameters frozen here, to unfreeze after training."""
+    model = explainer.masking_model
+    parts = [model.feature_filter] + ([model.encoder] if not model.freeze_encoder else [])
+    params = [p for part in parts for p in part.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None  # Adam skips a parameter without a gradient
+    if not model.freeze_encoder:
+        model.encoder.eval()
+    return params
+
+
 class _MaskStep(nn.Module):
     """The explainer's training forward as a ``forward``, which DistributedDataParallel needs."""
 
@@ -566,6 +584,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
             saved = position
 
     explainer.train()
+    fixed: list[nn.Parameter] = []  # what the embedding stage trained, once frozen
     logged_step, logged_time = step, time.perf_counter()
     try:
         for epoch in range(start_epoch, settings.epochs):
@@ -593,6 +612,8 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 labels = torch.as_tensor(labels).to(device, non_blocking=True).long()
+                if settings.freeze_embedding and step >= stage and not fixed:
+                    fixed = _fix_embedding_stage(explainer)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if step < stage:
                         loss, terms, n_real = _embedding_loss(classifier, model, images, labels, k, settings, shard)
@@ -600,8 +621,6 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                         loss, terms, n_real = _batch_loss(classifier, model, objective, images, labels, k, settings, shard)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if settings.freeze_embedding and step >= stage:
-                    explainer.masking_model.feature_filter.embedding.weight.grad = None  # Adam skips it
                 optimizer.step()
                 step += 1
                 position = (epoch + 1, 0) if b + 1 == len(batches) else (epoch, b + 1)
@@ -629,6 +648,8 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
             save()
     finally:
         bar.close()
+        for p in fixed:
+            p.requires_grad_(True)
         if shard.distributed:
             unsync_batchnorm(explainer)
     area = running.get("area")

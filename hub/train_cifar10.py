@@ -42,10 +42,13 @@ from blackbox_saliency.datasets import DecodedImages
 from blackbox_saliency.classifiers import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.metrics import saliency_metric
 
+# name -> (SaliencyObjective fields, other fit_explainer arguments)
 VARIANTS = {
-    "default": {},
-    "area4": {"area_weight": 4.0},
-    "area2": {"area_weight": 2.0},
+    "default": ({}, {}),
+    "area4": ({"area_weight": 4.0}, {}),
+    "area2": ({"area_weight": 2.0}, {}),
+    "fixed-stage": ({}, {"freeze_embedding": True}),
+    "fixed-stage-area4": ({"area_weight": 4.0}, {"freeze_embedding": True}),
 }
 EXPLAINER_WIDTHS = [32, 64, 128]
 HELDOUT_PER_CLASS = 500  # 5,000 of the 50,000 training images, never trained on
@@ -241,13 +244,14 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     train_rows, heldout_rows = heldout_split(labels, per_class=min(HELDOUT_PER_CLASS, len(labels) // (10 * num_classes)))
     # uint8 in memory, normalised a batch at a time (no loader)
     train_set = DecodedImages(images[train_rows], labels[train_rows], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    objective = SaliencyObjective(**VARIANTS[variant])
+    objective_fields, fit_kwargs = VARIANTS[variant]
+    objective = SaliencyObjective(**objective_fields)
     start = time.time()
     explainer = fit_explainer(
         classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
         batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
         mask_reduction=MASK_REDUCTION, checkpoint_dir=checkpoints / f"cifar10-{variant}", resume=True,
-        progress=False, log_every=100,
+        progress=False, log_every=100, **fit_kwargs,
         classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
                          "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
                          "class_names": CIFAR10_CLASSES},
@@ -269,7 +273,7 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
         "data": HELDOUT_DATA, "results": [{"images": len(heldout_rows), **scores}]}
     folder = out / ("explainer-cifar10" if variant == "default" else f"explainer-cifar10-{variant}")
     explainer.save_pretrained(folder)
-    (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(),
+    (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(), "fit": fit_kwargs,
                                                      "heldout_images": HELDOUT_DATA,
                                                      **scores}, indent=2))
     print(f"explainer {variant}: {seconds:.0f}s, held-out {json.dumps(scores)}", flush=True)

@@ -151,3 +151,18 @@ def test_init_from_must_fit_the_architecture():
         _fit(init_from=other)
     with pytest.raises(TypeError, match="init_from: expected an Explainer"):
         _fit(init_from=3)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_embedding_keeps_what_the_embedding_stage_trained(freeze):
+    # 2 embedding steps, then 2 mask steps; the same seed replays the same first 2 steps
+    stage_only = _fit(seed=3, embedding_steps=2, max_steps=2, freeze_embedding=freeze).state_dict()
+    explainer = _fit(seed=3, embedding_steps=2, max_steps=4, freeze_embedding=freeze)
+    after = explainer.state_dict()
+    stage_one = [k for k in after if k.startswith(("masking_model.encoder.", "masking_model.feature_filter."))]
+    decoder = [k for k in after if k.startswith("masking_model.upsamplers.") and k.endswith("weight")]
+    assert stage_one and decoder
+    # encoder weights and BatchNorm statistics, and the class embedding, as the stage left them
+    assert all(torch.equal(stage_only[k], after[k]) for k in stage_one) == freeze
+    assert any(not torch.equal(stage_only[k], after[k]) for k in decoder)
+    assert all(p.requires_grad for p in explainer.parameters())  # frozen for training only
