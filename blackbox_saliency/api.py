@@ -228,7 +228,7 @@ def explain(
 
     if method == "explainer" or (method == "auto" and explainer is not None):
         check_images(images, channels=explainer.config.in_chans, min_size=explainer.config.mask_reduction,
-                     finite=False)  # values were checked above; each chunk is checked again in forward
+                     finite=False)  # values were checked above
         if class_ids is not None:
             ids = check_class_ids(class_ids, images.shape[0], explainer.num_classes)
         _check_pair(model, logits_of, explainer, images)
@@ -237,7 +237,7 @@ def explain(
         out = torch.empty(images.shape[0], 1, *images.shape[-2:], device=images.device)
         with torch.no_grad():  # chunks fill a preallocated output: memory stays masks + one chunk
             for i in range(0, images.shape[0], batch_size):
-                out[i : i + batch_size] = explainer(images[i : i + batch_size], ids[i : i + batch_size])
+                out[i : i + batch_size] = explainer._masks(images[i : i + batch_size], ids[i : i + batch_size])
         return out
 
     if method == "auto" and not _warned_fallback:

@@ -381,6 +381,11 @@ class Explainer(
             warnings.warn(
                 f"images: this explainer was trained for inputs of shape {tuple(size)}, got {tuple(images.shape[1:])}; "
                 "its masks at another size are not what it learnt (preprocess as for its classifier)", stacklevel=2)
+        return self._masks(images, ids)
+
+    def _masks(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``forward`` without its checks, for callers that have made them (``explain``
+        checks the whole batch once, then runs it a chunk at a time)."""
         param = next(self.parameters())
         x = images.to(param.device, param.dtype)
         if getattr(self, "_channels_last", False):

@@ -238,3 +238,24 @@ def test_pictures_need_a_classifier_with_a_pretrained_cfg(tmp_path):
         explain(TimmLike(), [], 0)
     with pytest.raises(TypeError, match="images: expected a torch.Tensor"):
         explain(TimmLike(), [stripes(), 3], 0)
+
+
+# --- inputs checked once per call ---------------------------------------------------------------
+
+def test_explain_scans_images_and_checks_class_ids_once_however_many_chunks(explainer3, monkeypatch):
+    import blackbox_saliency._validation as validation
+    import blackbox_saliency.explainer as explainer_module
+
+    scans, id_checks = [], []
+    real_finite, real_ids = validation._all_finite, validation.check_class_ids
+    monkeypatch.setattr(validation, "_all_finite", lambda t, *a, **k: scans.append(t.shape[0]) or real_finite(t, *a, **k))
+    counting = lambda *a, **k: id_checks.append(1) or real_ids(*a, **k)  # noqa: E731
+    monkeypatch.setattr(api, "check_class_ids", counting)
+    monkeypatch.setattr(explainer_module, "check_class_ids", counting)
+    images, ids = torch.randn(10, 3, 16, 16), [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    masks = explain(ConstantLogits([0.0, 1.0, 2.0]), images, ids, explainer=explainer3, batch_size=3)
+    assert masks.shape == (10, 1, 16, 16)
+    assert scans == [10]  # the whole batch once, not again per chunk of 3
+    assert len(id_checks) == 1
+    # the same masks as the explainer called directly, with its own checks
+    assert torch.allclose(masks, explainer3(images, ids), atol=1e-6)
