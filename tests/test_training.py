@@ -65,6 +65,20 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         _fit(seed=3, lr=0.5, checkpoint_dir=tmp_path, resume=True)
 
 
+def test_a_checkpoint_written_under_the_old_setting_names_resumes(tmp_path):
+    import json
+
+    _fit(seed=3, max_steps=2, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    settings = json.loads(state["settings"])
+    settings["selector"], settings["selector_weight"] = settings.pop("class_source"), settings.pop("presence_weight")
+    state["settings"] = json.dumps(settings)
+    torch.save(state, tmp_path / "last.pt")
+    assert _fit(seed=3, checkpoint_dir=tmp_path, resume=True).config.training["steps"] == 4
+    with pytest.raises(ValueError, match="other settings"):  # still compared, under the new names
+        _fit(seed=3, presence_weight=2.0, checkpoint_dir=tmp_path, resume=True)
+
+
 def test_corrupted_checkpoint_is_detected(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="corrupted"):
