@@ -8,6 +8,8 @@ takes a 224 px centre crop normalised with mean 0.5 and std 0.5.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -92,12 +94,22 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def cifar10_classifier_from_folder(folder: Path) -> CifarResNet:
+    """The :class:`CifarResNet` saved in ``folder`` (``config.json`` + ``model.safetensors``, as
+    ``hub/train_cifar10.py classifier`` writes it), loaded strictly, in eval mode."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("architecture") != "CifarResNet":
+        raise ValueError(f"{folder}: unexpected architecture {config.get('architecture')!r}, expected 'CifarResNet'")
+    model = CifarResNet(num_classes=int(config["num_classes"]), width=int(config["width"]))
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
+    return model.eval()
+
+
 def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
     """This project's CIFAR-10 classifier: shipped in the package (``weights/classifier-cifar10``),
     else the Hub repo ``blackbox-saliency/classifier-cifar10``."""
-    import json
-
-    from safetensors.torch import load_file
     from torchvision import transforms
 
     from .pretrained import weights_folder
@@ -109,11 +121,7 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
             f"load_classifier('cifar10'): its weights are not in this installation and not reachable ({err}); "
             "train them with: python hub/train_cifar10.py classifier --pack CIFAR10_PACK --out blackbox_saliency/weights"
         ) from err
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("architecture") != "CifarResNet":
-        raise ValueError(f"classifier-cifar10: unexpected architecture {config.get('architecture')!r}")
-    model = CifarResNet(num_classes=int(config["num_classes"]), width=int(config["width"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    model = cifar10_classifier_from_folder(folder)
     model.pretrained_cfg = {"architecture": "cifar10_resnet9", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
                             "num_classes": 10, "input_size": (3, 32, 32), "class_names": CIFAR10_CLASSES}
     preprocess = transforms.Compose([

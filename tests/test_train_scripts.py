@@ -38,3 +38,57 @@ def test_cifar10_limit_keeps_every_class():
     kept_images, kept_labels = _script("train_cifar10").subset(images, labels, 200)
     assert len(kept_labels) == 200 and len(kept_labels.unique()) == 10
     assert torch.equal(labels[kept_images], kept_labels)
+
+
+class _RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records what would be created and uploaded."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create", repo_id, private, exist_ok))
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        self.calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+        class Commit:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc"
+
+        return Commit()
+
+
+def test_push_publishes_the_cifar10_classifier_too(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+
+    push = _script("push")
+    shutil.copytree(WEIGHTS_FOLDER / "classifier-cifar10", tmp_path / "classifier-cifar10")
+    push.main(["--owner", "someone", "--dry-run"], weights=tmp_path)
+    assert "classifier-cifar10: ok, would push to someone/classifier-cifar10" in capsys.readouterr().out
+    _RecordingApi.calls = []
+    monkeypatch.setattr(push, "HfApi", _RecordingApi)
+    push.main(["--owner", "someone", "--private"], weights=tmp_path)
+    assert _RecordingApi.calls[0] == ("create", "someone/classifier-cifar10", True, True)
+    assert _RecordingApi.calls[1][:2] == ("upload", "someone/classifier-cifar10")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(_RecordingApi.calls[1][2])
+
+
+def test_push_checks_a_classifier_folder_before_pushing_anything(tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+
+    push = _script("push")
+    shutil.copytree(WEIGHTS_FOLDER / "classifier-cifar10", tmp_path / "classifier-cifar10")
+    (tmp_path / "classifier-cifar10" / "config.json").write_text('{"architecture": "Other"}')
+    _RecordingApi.calls = []
+    monkeypatch.setattr(push, "HfApi", _RecordingApi)
+    with pytest.raises(ValueError, match="unexpected architecture"):
+        push.main(["--owner", "someone"], weights=tmp_path)
+    assert _RecordingApi.calls == []
