@@ -162,6 +162,11 @@ class SimpleFeaturePyramid(nn.Module):
         self.levels = nn.ModuleList(_pyramid_level(dims[-1], c, max(u, 0), u < 0) for c, u in zip(widths, ups))
         self.feature_info = _FeatureInfo(widths, [patch >> u if u >= 0 else 2 * patch for u in ups])
 
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The trunk's timm configuration: its architecture names this encoder in a config."""
+        return getattr(self.trunk, "pretrained_cfg", None) or {}
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         tokens = self.trunk(x)[-1]
         return [level(tokens) for level in self.levels]
@@ -176,7 +181,10 @@ def frozen_part(encoder: nn.Module) -> nn.Module:
 def classifier_features(classifier: nn.Module) -> nn.Module:
     """The feature pyramid of a timm classifier, carrying the classifier's own weights: a
     pretrained encoder that needs no download (hand it to ``fit_explainer(encoder=...)``; it is
-    frozen there and saved by its timm name).
+    frozen there and saved by its timm name). For a vision transformer it is a
+    :class:`SimpleFeaturePyramid` on the classifier's blocks (only the trunk is frozen); the
+    transformer's shape (input and patch size, depth, width, heads) goes into the explainer's
+    ``encoder_kwargs`` so that it loads again.
 
     Example:
         >>> import timm
@@ -194,11 +202,33 @@ def classifier_features(classifier: nn.Module) -> nn.Module:
             f"got {type(classifier).__name__}. Build an encoder module yourself, or use a timm encoder name"
         )
     in_chans = next((m.in_channels for m in classifier.modules() if isinstance(m, nn.Conv2d)), 3)
-    encoder = build_encoder(name, pretrained=False, in_chans=in_chans)
-    missing, _ = encoder.load_state_dict(classifier.state_dict(), strict=False)
+    timm_kwargs = _vit_shape(classifier)
+    encoder = build_encoder(name, pretrained=False, in_chans=in_chans, **timm_kwargs)
+    target = encoder
+    if isinstance(encoder, SimpleFeaturePyramid):  # a transformer: its weights go to the trunk's model
+        target = getattr(encoder.trunk, "model", encoder.trunk)
+    missing, _ = target.load_state_dict(classifier.state_dict(), strict=False)
     if missing:
         raise ValueError(f"classifier: its weights lack encoder tensors {missing[:5]} (names differ from timm's {name!r})")
+    encoder.timm_kwargs = timm_kwargs  # how to build it again (Explainer records them in its config)
     return encoder.to(next(classifier.parameters()).device)
+
+
+def _vit_shape(classifier: nn.Module) -> dict[str, Any]:
+    """The timm arguments that shape a vision transformer classifier when they may differ from
+    its name's defaults (input and patch size, depth, width, heads); ``{}`` for other models."""
+    patch_embed, blocks = getattr(classifier, "patch_embed", None), getattr(classifier, "blocks", None)
+    if patch_embed is None or blocks is None or not hasattr(classifier, "embed_dim"):
+        return {}
+    shape: dict[str, Any] = {"depth": len(blocks), "embed_dim": int(classifier.embed_dim)}
+    for key in ("img_size", "patch_size"):
+        value = getattr(patch_embed, key, None)
+        if value is not None:
+            shape[key] = [int(v) for v in value] if isinstance(value, (tuple, list)) else int(value)
+    heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None)
+    if heads is not None:
+        shape["num_heads"] = int(heads)
+    return shape
 
 
 def build_encoder(

@@ -38,7 +38,8 @@ _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 
 _SMALL_OPTIONS = {"widths", "layers_per_block"}
 # plain sizes only; the last four shape a ViT encoder and its pyramid (encoders.SimpleFeaturePyramid)
-_TIMM_OPTIONS = {"out_indices", "output_stride", "img_size", "patch_size", "depth", "pyramid_channels"}
+_TIMM_OPTIONS = {"out_indices", "output_stride", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
+                 "pyramid_channels"}
 
 
 def _check_json(value: object, where: str) -> None:
@@ -287,7 +288,9 @@ class Explainer(
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
             raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
-        encoder_kwargs = copy.deepcopy(dict(encoder_kwargs or {}))
+        # an encoder module built from a timm name records the arguments that rebuild it
+        built_with = getattr(encoder, "timm_kwargs", None) if isinstance(encoder, nn.Module) else None
+        encoder_kwargs = copy.deepcopy({**(built_with or {}), **dict(encoder_kwargs or {})})
         objective = copy.deepcopy(dict(objective or {}))
         _check_json(encoder_kwargs, "encoder_kwargs")
         _check_json(objective, "objective")

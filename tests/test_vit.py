@@ -131,6 +131,24 @@ def test_missing_pretrained_vit_weights_fail_at_once_with_the_fix(tmp_path, monk
         build_encoder(VIT, pretrained=True)
 
 
+def test_a_vit_classifiers_own_features_as_the_encoder_save_and_load(tmp_path):
+    # a ViT classifier built with other than its name's defaults: the shape must be recorded
+    classifier = vit_classifier(img_size=32, patch_size=8, depth=2)
+    encoder = encoders.classifier_features(classifier)
+    assert isinstance(encoder, SimpleFeaturePyramid) and encoder.feature_info.reduction() == [4, 8, 16]
+    trunk = encoder.trunk.model.state_dict()
+    assert trunk and all(torch.equal(v, classifier.state_dict()[k]) for k, v in trunk.items())  # the classifier's weights
+    explainer = Explainer(num_classes=4, encoder=encoder, mask_reduction=4)
+    assert explainer.config.encoder == VIT
+    assert explainer.config.encoder_kwargs["depth"] == 2 and explainer.config.encoder_kwargs["patch_size"] == [8, 8]
+    assert all(not p.requires_grad for p in frozen_part(explainer.masking_model.encoder).parameters())
+    explainer.eval().save_pretrained(tmp_path / "vit-own")
+    loaded = Explainer.from_pretrained(tmp_path / "vit-own")
+    x, ids = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, ids), explainer(x, ids))
+
+
 def test_fit_on_a_vit_encoder_trains_saves_and_loads_bit_identically(tmp_path):
     # also the fast smoke test of the planted-evidence set-up below: a ViT classifier, 2 steps
     data = PlantedPatterns(64, size=32, seed=0)
