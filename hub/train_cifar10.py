@@ -49,6 +49,8 @@ VARIANTS = {
     "area2": ({"area_weight": 2.0}, {}),
     "fixed-stage": ({}, {"freeze_embedding": True}),
     "fixed-stage-area4": ({"area_weight": 4.0}, {"freeze_embedding": True}),
+    "fixed-stage-area4-preserve1": ({"area_weight": 4.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
+    "fixed-stage-area2-preserve1": ({"area_weight": 2.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
 }
 EXPLAINER_WIDTHS = [32, 64, 128]
 HELDOUT_PER_CLASS = 500  # 5,000 of the 50,000 training images, never trained on
