@@ -49,6 +49,7 @@ VARIANTS = {
     "area2": ({"area_weight": 2.0}, {}),
     "fixed-stage": ({}, {"freeze_embedding": True}),
     "fixed-stage-area4": ({"area_weight": 4.0}, {"freeze_embedding": True}),
+    "fixed-stage-preserve1": ({"preserve_weight": 1.0}, {"freeze_embedding": True}),
     "fixed-stage-area4-preserve1": ({"area_weight": 4.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
     "fixed-stage-area2-preserve1": ({"area_weight": 2.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
 }
