@@ -11,8 +11,9 @@ memory as uint8 by ``DecodedImages`` and resized per batch, no loader):
   Tiny ImageNet train pack a at 128 and 224 px; precision ``auto`` (on this CPU: bf16 autocast
   and channels-last) against ``fp32`` in the default layout;
 - the embedding stage of the same run (no decoder, no classifier calls);
-- the CIFAR-10 variant: the small random-init encoder (3 blocks of 5 convs, widths 64/128/256)
-  against a ResNet-9 (width 64), on CIFAR-10 train images at 32 px, ``auto`` against ``fp32``.
+- the CIFAR-10 variant: the small random-init encoder (3 blocks of 5 convs, widths 64/128/256,
+  the default, and 32/64/128, the recipe of hub/train_cifar10.py) against a ResNet-9 (width 64),
+  mask at 1/2, on CIFAR-10 train images at 32 px, ``auto`` against ``fp32``.
 
 The rate is read from the training log (``log_every``): images/s over the steps after the first
 ``--warmup``, timed by the training loop itself, so model building and warm-up are not in it.
@@ -111,6 +112,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (a multiple of --warmup)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="Lite0 training resolutions")
+    parser.add_argument("--cifar-widths", type=lambda t: [int(w) for w in t.split("/")], nargs="+",
+                        default=[[64, 128, 256], [32, 64, 128]],
+                        help="small-encoder widths, e.g. 32/64/128 (hub/train_cifar10.py's recipe)")
+    parser.add_argument("--cifar-only", action="store_true", help="only the CIFAR-10 rows")
     parser.add_argument("--random-weights", action="store_true", help="random Lite0 weights (no lite0 extra needed)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -120,7 +125,7 @@ def main() -> None:
 
     rows = []
     classifier = lite0(args.random_weights)
-    for size in args.sizes:
+    for size in args.sizes if not args.cifar_only else []:
         data = tiny_images(n, size)
         for name, options in precisions:
             rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
@@ -132,14 +137,22 @@ def main() -> None:
                                  encoder=classifier_features(classifier), embedding_steps=stage + 1)
             rows.append((f"EfficientNet-Lite0 explainer, {size} px, embedding stage, auto", args.lite0_batch, rate, peak))
     data = cifar_images(n)
-    for name, options in precisions:
-        rate, peak = measure(CifarResNet().eval(), data, args.cifar_batch, args.warmup, args.steps, args.device,
-                             encoder="small", embedding_steps=0, mask_reduction=2, **options)
-        rows.append((f"CIFAR-10 variant, 32 px, small encoder 64/128/256, ResNet-9 classifier, {name}",
-                     args.cifar_batch, rate, peak))
+    for widths in args.cifar_widths:
+        for name, options in precisions:
+            rate, peak = measure(CifarResNet().eval(), data, args.cifar_batch, args.warmup, args.steps, args.device,
+                                 encoder="small", encoder_kwargs={"widths": widths}, embedding_steps=0,
+                                 mask_reduction=2, **options)
+            label = "/".join(map(str, widths))
+            rows.append((f"CIFAR-10 variant, 32 px, small encoder {label}, ResNet-9 classifier, {name}",
+                         args.cifar_batch, rate, peak))
 
     device = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+    def value(v) -> str:  # as typed on the command line
+        if isinstance(v, list):
+            return " ".join("/".join(map(str, x)) if isinstance(x, list) else str(x) for x in v)
+        return str(v)
+
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {value(v)}")
                      for k, v in vars(args).items() if v not in (False, None))
     print(f"Command: `python benchmarks/train_throughput.py {flags}`  ")
     print(f"Device: {device}; torch {torch.__version__}; {args.warmup} warm-up steps, then {args.steps} timed; "
