@@ -268,7 +268,10 @@ def fit_explainer(
         freeze_embedding: keep what the embedding stage trained as it left it while the masks
             train: the class embedding and, when it is trained (``encoder="small"``), the encoder
             with its BatchNorm statistics; the authors' code trains the decoder against a fixed
-            encoder and embedding. Otherwise the mask losses go on moving them.
+            encoder and embedding. Otherwise the mask losses go on moving them. Measured
+            (docs/objective.md): on CIFAR-10 with ``encoder="small"`` it is what keeps masks
+            from collapsing to nothing; on the planted-pattern task it localises worse, so it is
+            not the default.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
         num_workers: DataLoader worker processes decoding images (per process).
@@ -336,6 +339,8 @@ def fit_explainer(
     if embedding_steps is not None and (isinstance(embedding_steps, bool) or not isinstance(embedding_steps, int)
                                         or embedding_steps < 0):
         raise ValueError(f"embedding_steps: expected an int >= 0, got {embedding_steps!r}")
+    if not isinstance(freeze_embedding, bool):
+        raise TypeError(f"freeze_embedding: expected True or False, got {freeze_embedding!r}")
     if class_source not in ("label", "prediction"):
         raise ValueError(f"class_source: expected 'label' or 'prediction', got {class_source!r}")
     if isinstance(objective, dict):
@@ -362,7 +367,7 @@ def fit_explainer(
             raise ValueError(f"batch_size: {batch_size} must be divisible by the number of processes ({group.shard.world})")
         device = group.device
         settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, class_source, presence_weight, augment,
-                             embedding_loss, embedding_steps, bool(freeze_embedding))
+                             embedding_loss, embedding_steps, freeze_embedding)
         original_device = device_of(classifier, device)
         if isinstance(classifier, nn.Module):
             classifier.to(device)

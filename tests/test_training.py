@@ -180,3 +180,9 @@ def test_freeze_embedding_keeps_what_the_embedding_stage_trained(freeze):
     assert all(torch.equal(stage_only[k], after[k]) for k in stage_one) == freeze
     assert any(not torch.equal(stage_only[k], after[k]) for k in decoder)
     assert all(p.requires_grad for p in explainer.parameters())  # frozen for training only
+
+
+def test_freeze_embedding_is_off_by_default_and_a_bool():
+    assert _fit(max_steps=1).config.training["freeze_embedding"] is False
+    with pytest.raises(TypeError, match="freeze_embedding"):
+        _fit(max_steps=1, freeze_embedding="yes")
