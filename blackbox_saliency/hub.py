@@ -111,7 +111,7 @@ def model_card(config: "ExplainerConfig", card_data: ModelCardData, repo_id: str
         "```", "",
         "## Limitations", "",
         "- Masks show what the classifier uses, which need not be what a person would point at.",
-        "- The mask has a quarter of the input resolution; thin structures are smoothed.",
+        f"- The mask has 1/{config.mask_reduction} of the input resolution; thin structures are smoothed.",
         "- Inputs must be preprocessed exactly as for the classifier (size and normalisation above).", "",
         "## Links", "", *links, "",
         "## Citation", "", "```bibtex", CITATION, "```", "",

@@ -268,8 +268,8 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
         return
     device = explainer.device
     scores = evaluate_explainer(explainer, classifier, images[heldout_rows], labels[heldout_rows], device)
-    explainer.config.training_data = (f"CIFAR-10 training images (JPEG copy) but the held-out {len(heldout_rows):,} "
-                                      "(hub/train_cifar10.py heldout_split), random flips")
+    explainer.config.training_data = (f"all CIFAR-10 training images (JPEG copy) except the held-out "
+                                      f"{len(heldout_rows):,} (hub/train_cifar10.py heldout_split), random flips")
     explainer.config.training["seconds"] = round(seconds)
     explainer.config.training["device"] = (
         f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
