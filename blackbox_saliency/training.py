@@ -523,9 +523,10 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     model: nn.Module = _MaskStep(explainer)
     if shard.distributed:
         sync_batchnorm(explainer, device)
-        # the embedding stage leaves the decoder without gradients
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                    find_unused_parameters=settings.embedding_steps != 0)
+        # the embedding stage leaves the decoder without gradients, freeze_embedding the encoder after it
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=settings.embedding_steps != 0 or settings.freeze_embedding)
     batch_reader = getattr(dataset, "batch", None)
     data = (_preload(dataset, device, num_workers, explainer.num_classes) if preload and not callable(batch_reader)
             else None)
