@@ -387,3 +387,11 @@ def test_known_explainer_is_skipped_when_it_does_not_fit(explainer, tmp_path, mo
     same = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
     with pytest.raises(ValueError, match="needs a trained explainer"):  # 64 px, not its 32 px
         explain(same, torch.randn(1, 3, 64, 64), 0, method="explainer")
+
+
+def test_model_card_states_the_masks_resolution():
+    from conftest import SMALL
+
+    for reduction in (2, 4):
+        card = str(Explainer(num_classes=3, mask_reduction=reduction, **SMALL).generate_model_card())
+        assert f"The mask has 1/{reduction} of the input resolution" in card
