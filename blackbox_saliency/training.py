@@ -266,9 +266,11 @@ def fit_explainer(
             total. Default: a quarter of all steps. Without the stage, the mask losses swamp
             the embedding's and it never learns which class is present (docs/objective.md).
         freeze_embedding: keep what the embedding stage trained as it left it while the masks
-            train: the class embedding and, when it is trained (``encoder="small"``), the encoder
-            with its BatchNorm statistics; the authors' code trains the decoder against a fixed
-            encoder and embedding. Otherwise the mask losses go on moving them. Measured
+            train: the class embedding and whatever of the encoder trains (all of
+            ``encoder="small"``, a ViT's pyramid layers), BatchNorm statistics too; the presence
+            loss is then dropped from the mask stage, as nothing it reaches can change. The
+            authors' code trains the decoder against a fixed encoder and embedding. Otherwise
+            the mask losses go on moving them. Measured
             (docs/objective.md): on CIFAR-10 with ``encoder="small"`` it is what keeps masks
             from collapsing to nothing; on the planted-pattern task it localises worse, so it is
             not the default.
@@ -441,18 +443,17 @@ def _check_writable(folder: Path) -> None:
 
 
 def _fix_embedding_stage(explainer: Explainer) -> list[nn.Parameter]:
-    """Freeze what the embedding stage trained: the class embedding and, when it trains, the
-    encoder (its BatchNorm statistics too). The authors' code trains the decoder against a
-    fixed encoder and embedding; a random-init encoder left to the mask losses unlearns which
-    class is present. Returns the parameters frozen here, to unfreeze after training."""
+    """Freeze what the embedding stage trained: the class embedding and whatever of the encoder
+    trains (all of a random-init encoder, the pyramid layers of a ViT whose trunk is frozen),
+    BatchNorm statistics too. The authors' code trains the decoder against a fixed encoder and
+    embedding; a random-init encoder left to the mask losses unlearns which class is present.
+    Returns the parameters frozen here, to unfreeze after training."""
     model = explainer.masking_model
-    parts = [model.feature_filter] + ([model.encoder] if not model.freeze_encoder else [])
-    params = [p for part in parts for p in part.parameters() if p.requires_grad]
+    params = [p for part in (model.feature_filter, model.encoder) for p in part.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
         p.grad = None  # Adam skips a parameter without a gradient
-    if not model.freeze_encoder:
-        model.encoder.eval()
+    model.encoder.eval()
     return params
 
 
@@ -687,7 +688,9 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     # how many images of this process's share are real.
     alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
                     alternative_image(images, objective.blur_prob, shard=shard))
-    out = model(images, class_ids, settings.embedding_loss == "all_classes" and bool(settings.presence_weight))
+    # Under freeze_embedding nothing the presence loss reaches can change in this stage: skip it.
+    presence = bool(settings.presence_weight) and not settings.freeze_embedding
+    out = model(images, class_ids, settings.embedding_loss == "all_classes" and presence)
     # Every image pays for its mask's area; smoothness and the classifier's terms apply to
     # images given their real class only (a fake class should get an empty mask, nothing more).
     terms = objective.regulariser_terms(out.low_res_mask)
@@ -702,7 +705,7 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
             terms[name] = terms["area"].new_zeros(n).index_add(0, rows, value.to(terms["area"].dtype))
         logged.update(preserve=clf["preserve"].detach().sum(), destroy=clf["destroy"].detach().sum())
     loss = objective.combine(terms).mean()  # the objective's weights, in one place
-    if settings.presence_weight:
+    if presence:
         if settings.embedding_loss == "all_classes":
             embed = presence_loss(out.class_logits, labels)
         else:

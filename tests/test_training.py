@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from blackbox_saliency import Explainer, fit_explainer
+from blackbox_saliency.masking_model import FeatureFilter
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
 from conftest import SMALL, ConstantLogits, tiny_cnn
@@ -186,3 +187,16 @@ def test_freeze_embedding_is_off_by_default_and_a_bool():
     assert _fit(max_steps=1).config.training["freeze_embedding"] is False
     with pytest.raises(TypeError, match="freeze_embedding"):
         _fit(max_steps=1, freeze_embedding="yes")
+
+
+def test_freeze_embedding_stops_scoring_every_class_in_the_mask_stage(monkeypatch):
+    # after the embedding stage nothing the presence loss reaches can train: no all-class scores
+    calls = []
+    original = FeatureFilter.class_logits
+    monkeypatch.setattr(FeatureFilter, "class_logits", lambda self, f: calls.append(1) or original(self, f))
+    _fit(embedding_steps=0, max_steps=2, freeze_embedding=False)
+    assert len(calls) == 2
+    calls.clear()
+    _fit(embedding_steps=0, max_steps=2, freeze_embedding=True)
+    assert not calls
+

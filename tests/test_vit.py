@@ -172,6 +172,17 @@ def test_fit_on_a_vit_encoder_trains_saves_and_loads_bit_identically(tmp_path):
         assert torch.equal(explainer(x, ids), loaded(x, ids))
 
 
+def test_freeze_embedding_fixes_a_vit_pyramid_too():
+    data = PlantedPatterns(32, size=32, seed=0)
+    kwargs = dict(encoder=VIT, pretrained_encoder=False, encoder_kwargs=SMALL_VIT, freeze_encoder=True,
+                  batch_size=8, embedding_steps=1, progress=False, device="cpu", seed=0, freeze_embedding=True)
+    classifier = vit_classifier(img_size=32, patch_size=8, depth=2)
+    stage = fit_explainer(classifier, data, max_steps=1, **kwargs).state_dict()
+    after = fit_explainer(classifier, data, max_steps=3, **kwargs).state_dict()
+    levels = [k for k in after if ".levels." in k]
+    assert levels and all(torch.equal(stage[k], after[k]) for k in levels)
+
+
 # ---- planted evidence, a ViT explaining a ViT ---------------------------------------------------
 @pytest.fixture(scope="module")
 def vit_on_vit():
