@@ -578,6 +578,8 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
             for name, value in values.items():
                 if math.isfinite(value):
                     running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
+        for name in [n for n in running if n not in names]:  # a term the current stage no longer has
+            del running[name]
         pending.clear()
         pending_real.clear()
         bar.set_postfix({n: f"{v:.3g}" for n, v in running.items()}, refresh=False)

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -200,3 +201,13 @@ def test_freeze_embedding_stops_scoring_every_class_in_the_mask_stage(monkeypatc
     _fit(embedding_steps=0, max_steps=2, freeze_embedding=True)
     assert not calls
 
+
+
+def test_the_log_shows_only_the_terms_of_the_current_stage(caplog):
+    # a stale presence loss from the embedding stage would sit unchanged in every later line
+    with caplog.at_level(logging.INFO, logger="blackbox_saliency.training"):
+        _fit(embedding_steps=2, max_steps=4, freeze_embedding=True, log_every=1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 4
+    assert all("embed=" in line and "area=" not in line for line in lines[:2])
+    assert all("embed=" not in line and "area=" in line for line in lines[2:])
