@@ -13,7 +13,9 @@ memory as uint8 by ``DecodedImages`` and resized per batch, no loader):
 - the embedding stage of the same run (no decoder, no classifier calls);
 - the CIFAR-10 variant: the small random-init encoder (3 blocks of 5 convs, widths 64/128/256,
   the default, and 32/64/128, the recipe of hub/train_cifar10.py) against a ResNet-9 (width 64),
-  mask at 1/2, on CIFAR-10 train images at 32 px, ``auto`` against ``fp32``.
+  mask at 1/2, on CIFAR-10 train images at 32 px, ``auto`` against ``fp32``; with
+  ``--cifar-recipe`` also hub/train_cifar10.py's mask stage as it runs (encoder and class
+  embedding fixed after the embedding stage, batch 64).
 
 The rate is read from the training log (``log_every``): images/s over the steps after the first
 ``--warmup``, timed by the training loop itself, so model building and warm-up are not in it.
@@ -116,12 +118,14 @@ def main() -> None:
                         default=[[64, 128, 256], [32, 64, 128]],
                         help="small-encoder widths, e.g. 32/64/128 (hub/train_cifar10.py's recipe)")
     parser.add_argument("--cifar-only", action="store_true", help="only the CIFAR-10 rows")
+    parser.add_argument("--cifar-recipe", action="store_true",
+                        help="also hub/train_cifar10.py's mask stage as it runs (freeze_embedding, batch 64)")
     parser.add_argument("--random-weights", action="store_true", help="random Lite0 weights (no lite0 extra needed)")
     args = parser.parse_args()
     torch.manual_seed(0)
     gpu = args.device.startswith("cuda")
     precisions = [("auto", {})] if gpu else [("auto", {}), ("fp32", {"precision": "fp32", "channels_last": False})]
-    n = max(args.lite0_batch, args.cifar_batch) * (args.warmup + args.steps + 1)
+    n = max(args.lite0_batch, args.cifar_batch, 64 if args.cifar_recipe else 0) * (args.warmup + args.steps + 1)
 
     rows = []
     classifier = lite0(args.random_weights)
@@ -145,6 +149,14 @@ def main() -> None:
             label = "/".join(map(str, widths))
             rows.append((f"CIFAR-10 variant, 32 px, small encoder {label}, ResNet-9 classifier, {name}",
                          args.cifar_batch, rate, peak))
+    # hub/train_cifar10.py's mask stage as it runs: encoder 32/64/128 and class embedding fixed
+    # after the embedding stage (freeze_embedding), so nothing flows back into the encoder; batch 64
+    for name, options in precisions if args.cifar_recipe else []:
+        rate, peak = measure(CifarResNet().eval(), data, 64, args.warmup, args.steps, args.device, encoder="small",
+                             encoder_kwargs={"widths": [32, 64, 128]}, embedding_steps=0, freeze_embedding=True,
+                             mask_reduction=2, objective={"preserve_weight": 1.0}, **options)
+        rows.append((f"CIFAR-10 variant as hub/train_cifar10.py trains it (encoder 32/64/128 fixed after the "
+                     f"embedding stage), mask stage, {name}", 64, rate, peak))
 
     device = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     def value(v) -> str:  # as typed on the command line

@@ -64,10 +64,11 @@ def test_speed_benchmark_runs_with_the_gpu_options_it_offers():
 
 def test_training_throughput_benchmark_runs():
     out = _benchmark("train_throughput.py", "--cifar-batch", "8", "--lite0-batch", "2", "--warmup", "1", "--steps", "1",
-                     "--sizes", "64", "--random-weights", "--cifar-widths", "8/16/32")
+                     "--sizes", "64", "--random-weights", "--cifar-widths", "8/16/32", "--cifar-recipe")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "set-up" not in line and "---" not in line]
-    # Lite0 auto and fp32, the embedding stage, CIFAR auto and fp32: each rate timed directly
-    assert len(rows) == 5 and all(float(row.split("|")[3]) > 0 for row in rows)
-    assert "small encoder 8/16/32" in rows[-1]
+    # Lite0 auto and fp32, the embedding stage, CIFAR auto and fp32, the CIFAR recipe auto and fp32:
+    # each rate timed directly
+    assert len(rows) == 7 and all(float(row.split("|")[3]) > 0 for row in rows)
+    assert "small encoder 8/16/32" in rows[4] and "as hub/train_cifar10.py trains it" in rows[-1]
     assert "Command: `python benchmarks/train_throughput.py --device cpu --lite0-batch 2 --cifar-batch 8" in out
     assert "--cifar-widths 8/16/32" in out  # the command as it was typed
