@@ -165,6 +165,24 @@ def top_classes(
     return _top_ids(model, logits_of, images, _check_k(k, num_classes), batch_size)
 
 
+def _warn_untrained_classes(explainer: Explainer, ids: torch.Tensor) -> None:
+    """An explainer trained on some of the classifier's classes only (its config's
+    ``training["classes_explained"]``) has an untrained class embedding for the others: say so
+    rather than return masks that look like any other."""
+    trained = (explainer.config.training or {}).get("classes_explained")
+    if not trained:
+        return
+    missing = sorted(set(ids.tolist()) - set(trained))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        warnings.warn(
+            f"class_ids: the explainer was trained on {len(trained)} of its {explainer.num_classes} classes; "
+            f"{len(missing)} asked for here ({shown}) are not among them and their masks are not reliable "
+            "(docs/evaluation.md); method='optimize' explains any class",
+            stacklevel=3,
+        )
+
+
 def explain(
     classifier: Callable[[torch.Tensor], Any],
     images: Images,
@@ -234,6 +252,7 @@ def explain(
         _check_pair(model, logits_of, explainer, images)
         if class_ids is None:
             ids = _top_ids(model, logits_of, images, 1, batch_size)[:, 0]
+        _warn_untrained_classes(explainer, ids)
         out = torch.empty(images.shape[0], 1, *images.shape[-2:], device=images.device)
         with torch.no_grad():  # chunks fill a preallocated output: memory stays masks + one chunk
             for i in range(0, images.shape[0], batch_size):

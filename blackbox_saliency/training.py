@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from ._blackbox import device_of, frozen
@@ -170,6 +170,38 @@ def _check_values(images: torch.Tensor, labels: torch.Tensor, rows: Sequence[int
             listed = ", ".join(str(rows[i]) for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise ValueError(f"dataset: NaN or infinite values in item{'s' if len(bad) > 1 else ''} {listed} ({where}): "
                              "bad data in the dataset, not a training instability; fix or drop those items")
+
+
+def _dataset_labels(dataset: object) -> torch.Tensor | None:
+    """Every item's label when the dataset holds them as a sequence (``DecodedImages.labels``,
+    torchvision's ``targets``, a ``TensorDataset``'s second tensor, through a ``Subset``), else
+    ``None``: nothing is read item by item for this."""
+    if isinstance(dataset, Subset):
+        inner = _dataset_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+    else:
+        labels = getattr(dataset, "labels", None)
+        labels = getattr(dataset, "targets", None) if labels is None else labels
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return labels.long() if labels.dim() == 1 and not labels.is_floating_point() and len(labels) == len(dataset) else None
+
+
+def _classes_explained(dataset: object, settings: _Settings, num_classes: int) -> list[int] | None:
+    """The classes whose masks training will teach, when that is known before training and is
+    not all of them: the labels present (``class_source="label"``). ``explain`` warns for any
+    other class: its embedding and masks were never trained."""
+    if settings.class_source != "label":
+        return None
+    labels = _dataset_labels(dataset)
+    if labels is None:
+        return None
+    present = torch.unique(labels[(labels >= 0) & (labels < num_classes)]).tolist()
+    return present if len(present) < num_classes else None
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -396,6 +428,9 @@ def fit_explainer(
                         raise ValueError(f"init_from: its weights do not fit the explainer these arguments build: {err}") from err
                 explainer.to(device)
                 explainer.config.training = settings.to_dict()
+                classes = _classes_explained(dataset, settings, num_classes)
+                if classes is not None:
+                    explainer.config.training["classes_explained"] = classes
                 if init_name is not None:
                     explainer.config.training["init_from"] = init_name
                 bf16 = _use_bf16(precision, device)

@@ -1,11 +1,12 @@
 import logging
 import os
+import warnings
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from blackbox_saliency import Explainer, fit_explainer
+from blackbox_saliency import Explainer, explain, fit_explainer, training
 from blackbox_saliency.masking_model import FeatureFilter
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
@@ -211,3 +212,25 @@ def test_the_log_shows_only_the_terms_of_the_current_stage(caplog):
     assert len(lines) == 4
     assert all("embed=" in line and "area=" not in line for line in lines[:2])
     assert all("embed=" not in line and "area=" in line for line in lines[2:])
+
+
+def test_the_classes_trained_on_are_recorded_and_explain_warns_for_the_others(tmp_path):
+    data = PlantedPatterns(32, patch=12)
+    two = torch.utils.data.Subset(data, (data.labels < 2).nonzero().squeeze(1).tolist())
+    explainer = _fit(data=two)
+    assert explainer.config.training["classes_explained"] == [0, 1]
+    explainer.save_pretrained(tmp_path)
+    loaded = Explainer.from_pretrained(tmp_path)
+    classifier, x = PatternClassifier(patch=12), data.images[:2]
+    with pytest.warns(UserWarning, match=r"trained on 2 of its 4 classes; 1 asked for here \(3\)"):
+        explain(classifier, x, [0, 3], explainer=loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explain(classifier, x, [1, 0], explainer=loaded)
+    # every class present, or the class chosen by the classifier: nothing known to restrict
+    assert "classes_explained" not in _fit(data=data).config.training
+    assert "classes_explained" not in _fit(data=two, class_source="prediction").config.training
+    labels = torch.tensor([2, 0, 2, 1])
+    tensors = TensorDataset(torch.zeros(4, 3, 8, 8), labels)
+    assert torch.equal(training._dataset_labels(torch.utils.data.Subset(tensors, [3, 0])), torch.tensor([1, 2]))
+    assert training._dataset_labels([(torch.zeros(3, 8, 8), 0)]) is None
