@@ -112,6 +112,7 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
     else the Hub repo ``blackbox-saliency/classifier-cifar10``."""
     from torchvision import transforms
 
+    from . import pretrained
     from .pretrained import weights_folder
 
     try:
@@ -119,7 +120,8 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"load_classifier('cifar10'): its weights are not in this installation and not reachable ({err}); "
-            "train them with: python hub/train_cifar10.py classifier --pack CIFAR10_PACK --out blackbox_saliency/weights"
+            "train them from a source checkout of blackbox-saliency (hub/ is not installed) with: "
+            f"python hub/train_cifar10.py classifier --pack CIFAR10_PACK --out {pretrained.WEIGHTS_FOLDER}"
         ) from err
     model = cifar10_classifier_from_folder(folder)
     model.pretrained_cfg = {"architecture": "cifar10_resnet9", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,

@@ -117,26 +117,26 @@ class _Indexed(Dataset):
 
 
 class _CheckedCollate:
-    """The loader's collate (run in its workers): every item checked, and the images of a
-    batch of one size, before torch's own collate stacks them (into shared memory in a worker)."""
+    """The loader's collate (run in its workers): every item checked, and every image the size
+    of item 0's, ``shape``, before torch's own collate stacks them (into shared memory in a worker)."""
 
-    def __init__(self, channels: int):
-        self.channels = channels
+    def __init__(self, shape: Sequence[int]):
+        self.shape = torch.Size(shape)
 
     def __call__(self, batch: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = []
         for index, item in batch:
-            image, label = _check_item(item, index, self.channels)
-            if pairs and image.shape != pairs[0][0].shape:
-                raise _mixed_sizes(index, image.shape, batch[0][0], pairs[0][0].shape)
+            image, label = _check_item(item, index, self.shape[0])
+            if image.shape != self.shape:
+                raise _mixed_sizes(index, image.shape, 0, self.shape)
             pairs.append((image, label))
         images, labels = default_collate(pairs)
         return images, labels
 
 
-def _check_read_batch(result: object, rows: Sequence[int], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a dataset's ``batch(indices)`` returned: float images ``(B, C, H, W)`` and ``B``
-    integer labels."""
+def _check_read_batch(result: object, rows: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a dataset's ``batch(indices)`` returned: float images ``(B, *shape)`` (``shape``:
+    item 0's image) and ``B`` integer labels."""
     what = "dataset: batch(indices) must return (images, labels)"
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         got = f"a {type(result).__name__} of {len(result)}" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
@@ -147,8 +147,9 @@ def _check_read_batch(result: object, rows: Sequence[int], channels: int) -> tup
         raise TypeError(f"{what} with float images (B, C, H, W), returned images of type {type(images).__name__}")
     if not images.is_floating_point():
         raise TypeError(f"{what} with float images (B, C, H, W), returned {images.dtype} images: {_TO_FLOAT}")
-    if images.dim() != 4 or images.shape[0] != n or images.shape[1] != channels:
-        raise ValueError(f"{what} with images ({n}, {channels}, H, W) for {n} indices, returned {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[0] != n or images.shape[1:] != torch.Size(shape):
+        raise ValueError(f"{what} with images {(n, *shape)} for {n} indices (item 0's image is {tuple(shape)}), "
+                         f"returned {tuple(images.shape)}")
     labels = torch.as_tensor(labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or tuple(labels.shape) != (n,):
         raise TypeError(f"{what} with {n} integer labels, returned a {labels.dtype} tensor of shape {tuple(labels.shape)}")
@@ -527,7 +528,7 @@ def _preload(dataset: Dataset, device: torch.device, num_workers: int,
     labels = torch.empty(len(dataset), dtype=torch.long, device=device)
     # its own generator: a loader seeds itself from the global RNG, which the training draws use
     loader = DataLoader(_Indexed(dataset), batch_size=256, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        collate_fn=_CheckedCollate(image0.shape[0]), generator=torch.Generator())
+                        collate_fn=_CheckedCollate(image0.shape), generator=torch.Generator())
     start = 0
     for batch_images, batch_labels in loader:
         n = batch_images.shape[0]
@@ -566,7 +567,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     batch_reader = getattr(dataset, "batch", None)
     data = (_preload(dataset, device, num_workers, explainer.num_classes) if preload and not callable(batch_reader)
             else None)
-    channels = explainer.config.in_chans
+    shape = _check_item(dataset[0], 0, explainer.config.in_chans)[0].shape  # every batch must match item 0
 
     k = explainer.num_classes
     per_process = settings.batch_size // shard.world
@@ -639,7 +640,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                        for batch in _epoch_batches(len(dataset), settings.batch_size, settings.seed, epoch)]
             first = start_batch if epoch == start_epoch else 0
             if callable(batch_reader):  # whole batches from memory, resized on the tensor
-                loader = (_check_read_batch(batch_reader(torch.tensor(rows)), rows, channels) for rows in batches[first:])
+                loader = (_check_read_batch(batch_reader(torch.tensor(rows)), rows, shape) for rows in batches[first:])
             elif data is not None:
                 loader = ((data[0][index], data[1][index])
                           for index in (_host_to_device(torch.tensor(rows), device) for rows in batches[first:]))
@@ -647,7 +648,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 # Its own generator: a loader drawing its worker seed from the global RNG would
                 # shift every random draw after a mid-epoch resume.
                 loader = DataLoader(_Indexed(dataset), batch_sampler=batches[first:], num_workers=num_workers,
-                                    collate_fn=_CheckedCollate(channels), pin_memory=device.type == "cuda",
+                                    collate_fn=_CheckedCollate(shape), pin_memory=device.type == "cuda",
                                     generator=torch.Generator().manual_seed(settings.seed + epoch))
             for b, (images, labels) in enumerate(loader, start=first):
                 if data is None:  # preloaded data was checked as it loaded

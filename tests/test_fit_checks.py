@@ -172,7 +172,7 @@ def test_the_checked_collate_stacks_as_the_default_one():
     from blackbox_saliency.training import _CheckedCollate
 
     items = _items(4)
-    images, labels = _CheckedCollate(3)(list(enumerate(items)))
+    images, labels = _CheckedCollate((3, 32, 32))(list(enumerate(items)))
     expected = default_collate(items)
     assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1]) and labels.dtype == torch.long
 
@@ -182,3 +182,16 @@ def test_a_bad_item_found_in_a_loader_worker_keeps_its_message():
     items[21] = (items[21][0], items[21][1], "extra")
     with pytest.raises(TypeError, match=r"item 21 is a tuple of 3"):
         _fit(items, num_workers=1)
+
+
+
+def test_batches_of_another_size_than_item_0_are_named():
+    # item 0 at 32 px, all others at 24 px: every batch without item 0 agrees with itself
+    items = _items()
+    items = [items[0]] + [(image[:, :24, :24].clone(), label) for image, label in items[1:]]
+    with pytest.raises(ValueError, match=r"dataset: item \d+'s image is \(3, 24, 24\) but item 0's is \(3, 32, 32\)"):
+        _fit(items)
+    # a batch reader whose batches all come out at 24 px while its item 0 is 32 px
+    reader = BatchReader(_items(), spoil=lambda rows, images, labels: (images[..., :24, :24].contiguous(), labels))
+    with pytest.raises(ValueError, match=r"item 0's image is \(3, 32, 32\)"):
+        _fit(reader)
