@@ -137,6 +137,7 @@ def main() -> None:
                                   checkpoint_dir=checkpoints / "masks", **common)
         explainer.config.training.update(embedding_class_source=args.embedding_class_source,
                                          embedding_steps=args.embedding_steps, steps=args.steps,
+                                         embedding_steps_run=stage.config.training.get("embedding_steps_run"),
                                          init_from=args.init_from or "the embedding stage of this run")
         # the embedding knows every class the classifier predicted, not only the labels' ones
         explainer.config.training.pop("classes_explained", None)
