@@ -154,7 +154,8 @@ def main() -> None:
     device = explainer.config.training.get("precision", "")
     explainer.config.training_data = (
         f"{len(train)} Tiny ImageNet train images (64 px), random square crops of {args.crop_scale[0]:.2f}-"
-        f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.class_source}")
+        f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.class_source}"
+        + (f" (embedding stage: {args.embedding_class_source})" if args.embedding_class_source else ""))
     explainer.config.training.update(
         seconds=round(seconds), machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({device})",
         date=str(date.today()),
