@@ -29,8 +29,8 @@ import torch
 from blackbox_saliency import Explainer, load_classifier
 from blackbox_saliency.baselines import BASELINES
 from blackbox_saliency.datasets import ImageNetSamples, extract_pack, imagenet_wnid_to_index
-from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
 from blackbox_saliency.metrics import saliency_metric
+from evaluate import probabilities  # benchmarks/evaluate.py, beside this script
 
 
 def tiny_classes(pack: Path, cache: Path | None) -> set[int]:
@@ -38,17 +38,6 @@ def tiny_classes(pack: Path, cache: Path | None) -> set[int]:
     wnids = next(extract_pack(pack, cache).rglob("wnids.txt")).read_text().split()
     index = imagenet_wnid_to_index()
     return {index[w] for w in wnids}
-
-
-def kept_and_removed(model, images, masks, labels, batch_size=50) -> tuple[float, float]:
-    kept, removed = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x, m, y = images[i : i + batch_size], masks[i : i + batch_size], labels[i : i + batch_size, None]
-            blurred = gaussian_blur(x, blur_sigma_for(*x.shape[-2:]))
-            kept.append(model(x * m + blurred * (1 - m)).softmax(1).gather(1, y))
-            removed.append(model(x * (1 - m) + blurred * m).softmax(1).gather(1, y))
-    return torch.cat(kept).mean().item(), torch.cat(removed).mean().item()
 
 
 def main() -> None:
@@ -84,7 +73,7 @@ def main() -> None:
         rows.append(f"| {part} | {int(rows_mask.sum())} | whole image | {score(whole):.3f} | | | | |")
         rows.append(f"| {part} | {int(rows_mask.sum())} | centre box | {score(centre):.3f} | | | | |")
         for name, (true_masks, absent_masks) in all_masks.items():
-            kept, removed = kept_and_removed(model, x, true_masks[rows_mask], y)
+            kept, removed = probabilities(model, x, true_masks[rows_mask], y)
             rows.append(f"| {part} | {int(rows_mask.sum())} | `{name}` | {score(true_masks):.3f} | "
                         f"{true_masks[rows_mask].mean():.3f} | {absent_masks[rows_mask].mean():.3f} | {kept:.3f} | {removed:.3f} |")
     command = "python benchmarks/class_coverage.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
