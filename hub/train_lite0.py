@@ -97,12 +97,16 @@ def main() -> None:
     parser.add_argument("--embedding-class-source", choices=["label", "prediction"], default=None,
                         help="train the embedding stage on this class source and the masks on --class-source: "
                         "'prediction' teaches the embedding every class Lite0 predicts on Tiny images, not only "
-                        "Tiny's 200 labels (implies --freeze-embedding; two fit_explainer calls)")
+                        "Tiny's 200 labels (when it differs from --class-source: two fit_explainer calls, the "
+                        "embedding fixed for the mask stage)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune this explainer (folder or Hub id), e.g. the 128 px one at --size 224 "
                         "with --embedding-steps 0")
     args = parser.parse_args()
+    if args.embedding_class_source not in (None, args.class_source) and not 0 < args.embedding_steps < args.steps:
+        parser.error(f"--embedding-steps: with --embedding-class-source the embedding stage ({args.embedding_steps} "
+                     f"steps) must be longer than 0 and shorter than --steps ({args.steps})")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
