@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--classifier", default="efficientnet_lite0", help="a name from load_classifier (default: %(default)s)")
     fit.add_argument("--encoder", default="small", help="'small' or a timm model name (default: %(default)s)")
     fit.add_argument("--no-pretrained-encoder", action="store_true", help="start a timm encoder from random weights")
+    fit.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
+                     help="'classifier_head': derive each class's embedding from the classifier's head row, so "
+                     "classes the folder lacks get one too (default: %(default)s)")
     fit.add_argument("--epochs", type=int, default=20)
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -329,7 +332,7 @@ def _fit(args: argparse.Namespace) -> int:
             model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
             preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
-            class_source="prediction",
+            class_source="prediction", class_embedding=args.class_embedding,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},
         )

@@ -211,7 +211,34 @@ def classifier_features(classifier: nn.Module) -> nn.Module:
     if missing:
         raise ValueError(f"classifier: its weights lack encoder tensors {missing[:5]} (names differ from timm's {name!r})")
     encoder.timm_kwargs = timm_kwargs  # how to build it again (Explainer records them in its config)
+    if not isinstance(encoder, SimpleFeaturePyramid):  # a ViT pyramid's maps are new layers, not the head's input
+        encoder.head_input_map = _head_input_map(classifier, encoder_pyramid(encoder)[0][-1])
     return encoder.to(next(classifier.parameters()).device)
+
+
+def _head_input_map(classifier: nn.Module, channels: int) -> torch.Tensor | None:
+    """``M`` ``(D, C)``: the linear part of how the last feature map reaches the classifier's
+    head: identity when the head reads that map directly (ResNets), else a timm ``conv_head``
+    1x1 conv with its BatchNorm scale folded in (EfficientNets, MobileNets); None otherwise.
+    ``h_k^T M x`` is then the class activation map of class ``k`` without its nonlinearity: the
+    starting point of a ``class_embedding="classifier_head"`` explainer's class embedding."""
+    get = getattr(classifier, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        return None
+    if head.in_features == channels:
+        return torch.eye(channels)
+    conv, norm = getattr(classifier, "conv_head", None), getattr(classifier, "bn2", None)
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
+            and conv.in_channels == channels and conv.out_channels == head.in_features):
+        return None
+    weight = conv.weight.detach().flatten(1).float().cpu()
+    if isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None:
+        scale = norm.running_var.detach().float().cpu().add(norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight.detach().float().cpu()
+        weight = scale[:, None] * weight
+    return weight
 
 
 def _vit_shape(classifier: nn.Module) -> dict[str, Any]:

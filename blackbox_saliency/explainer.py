@@ -26,7 +26,7 @@ from torch import nn
 from . import hub
 from ._validation import ClassIds, check_class_ids, check_images
 from .encoders import DEFAULT_ENCODER, build_encoder
-from .masking_model import CLASS_FILTERS, MaskingModel, MaskOutput
+from .masking_model import CLASS_EMBEDDINGS, CLASS_FILTERS, MaskingModel, MaskOutput
 
 __all__ = ["Explainer", "ExplainerConfig", "ClassifierInfo"]
 
@@ -139,6 +139,8 @@ class ExplainerConfig:
     num_bottlenecks: int = _schema(int)
     freeze_encoder: bool = _schema(bool)
     class_filter: str = _schema(str)
+    class_embedding: str = _schema(str)
+    class_embedding_features: int | None = _schema(int, type(None))
     objective: dict[str, Any] = _schema(dict)
     classifier: ClassifierInfo = field(default_factory=ClassifierInfo)
     training: dict[str, Any] | None = None
@@ -172,6 +174,9 @@ class ExplainerConfig:
         values = {k: v for k, v in values.items() if k not in ("format", "version")}
         # explainers saved before class_filter existed filtered the bottleneck only
         values.setdefault("class_filter", "bottleneck")
+        # ... and before class_embedding existed learned one vector per class
+        values.setdefault("class_embedding", "learned")
+        values.setdefault("class_embedding_features", None)
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in values]
         if missing:
@@ -215,6 +220,12 @@ class ExplainerConfig:
             raise ValueError(f"config: encoder_kwargs {unknown} are not allowed; allowed: {sorted(allowed)}")
         if self.class_filter not in CLASS_FILTERS:
             raise ValueError(f"config: class_filter must be one of {CLASS_FILTERS}, got {self.class_filter!r}")
+        if self.class_embedding not in CLASS_EMBEDDINGS:
+            raise ValueError(f"config: class_embedding must be one of {CLASS_EMBEDDINGS}, got {self.class_embedding!r}")
+        features = self.class_embedding_features
+        if (self.class_embedding == "classifier_head") != (features is not None) or (features is not None and features < 1):
+            raise ValueError(f"config: class_embedding_features must be the head's width (an int >= 1) with "
+                             f"class_embedding 'classifier_head' and null otherwise, got {features!r}")
         if not isinstance(self.classifier, ClassifierInfo):
             raise ValueError(f"config: classifier must be a ClassifierInfo, got {self.classifier!r}")
         self.classifier.validate("config: classifier")
@@ -260,6 +271,12 @@ class Explainer(
             class names): a dict or a :class:`ClassifierInfo`, kept in the config.
         class_filter: ``"all"`` (default) filters the skip connections by the class as well as
             the bottleneck; ``"bottleneck"`` is the paper's (see :class:`MaskingModel`).
+        class_embedding: ``"learned"`` (default, the paper's: one trained vector per class) or
+            ``"classifier_head"``: each class's vector is a trained linear map of the classifier's
+            head row for that class, so that classes the training images lack still get one
+            derived from the classifier. Needs ``class_embedding_features``, the head's input
+            width; ``fit_explainer`` fills the head rows from the classifier (see
+            :class:`~blackbox_saliency.masking_model.FeatureFilter`).
 
     Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
     would otherwise leave them out of the saved config without a word.
@@ -284,6 +301,8 @@ class Explainer(
         objective: dict[str, float] | None = None,
         classifier_info: dict[str, Any] | ClassifierInfo | None = None,
         class_filter: str = "all",
+        class_embedding: str = "learned",
+        class_embedding_features: int | None = None,
     ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
@@ -308,12 +327,14 @@ class Explainer(
         if freeze_encoder is None:
             freeze_encoder = bool(pretrained_encoder) or isinstance(encoder, nn.Module)
         self.masking_model = MaskingModel(
-            module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter
+            module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter,
+            class_embedding, class_embedding_features,
         )
         self.config = ExplainerConfig(
             num_classes=num_classes, encoder=encoder_name, encoder_kwargs=encoder_kwargs, in_chans=in_chans,
             mask_reduction=mask_reduction, width_multiplier=width_multiplier, num_bottlenecks=num_bottlenecks,
-            freeze_encoder=freeze_encoder, class_filter=class_filter, objective=objective, classifier=info,
+            freeze_encoder=freeze_encoder, class_filter=class_filter, class_embedding=class_embedding,
+            class_embedding_features=class_embedding_features, objective=objective, classifier=info,
         )
 
     # The mixin keeps the config it saves in ``_hub_mixin_config``, built from the constructor's
@@ -473,7 +494,8 @@ class Explainer(
             encoder_kwargs=config.encoder_kwargs, in_chans=config.in_chans, mask_reduction=config.mask_reduction,
             width_multiplier=config.width_multiplier, num_bottlenecks=config.num_bottlenecks,
             freeze_encoder=config.freeze_encoder, objective=config.objective, classifier_info=config.classifier,
-            class_filter=config.class_filter,
+            class_filter=config.class_filter, class_embedding=config.class_embedding,
+            class_embedding_features=config.class_embedding_features,
         )
         explainer.config = copy.deepcopy(config)
         return explainer

@@ -30,22 +30,62 @@ class MaskOutput(NamedTuple):
 
 
 class FeatureFilter(nn.Module):
-    """``Y_ij = X_ij * sigmoid(X_ij^T C_s)``: attenuates locations unrelated to class ``s``."""
+    """``Y_ij = X_ij * sigmoid(X_ij^T C_s)``: attenuates locations unrelated to class ``s``.
 
-    def __init__(self, num_classes: int, channels: int):
+    ``C_s`` is learned per class (the paper's), or, with ``head_features=D``, a learned linear
+    map of row ``s`` of the classifier's own linear head (``head_weight``, ``(K, D)``, a fixed
+    buffer that :meth:`set_head` fills): one map shared by all classes, so a class the training
+    data never showed still gets the embedding its head row implies.
+    """
+
+    def __init__(self, num_classes: int, channels: int, head_features: int | None = None):
         super().__init__()
-        self.embedding = nn.Embedding(num_classes, channels)
-        nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(channels))
+        self.head_features = head_features
+        if head_features is None:
+            self.embedding = nn.Embedding(num_classes, channels)
+            nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(channels))
+        else:
+            if isinstance(head_features, bool) or not isinstance(head_features, int) or head_features < 1:
+                raise ValueError(f"head_features: expected a positive int, got {head_features!r}")
+            self.register_buffer("head_weight", torch.zeros(num_classes, head_features))
+            # rows are unit-normalised in use, so this init gives the learned embedding's scale
+            self.projection = nn.Linear(head_features, channels, bias=False)
+            nn.init.normal_(self.projection.weight, std=1.0 / math.sqrt(channels))
+
+    def set_head(self, weight: torch.Tensor, head_input_map: torch.Tensor | None = None) -> None:
+        """Copy the classifier head's weight ``(K, D)`` into ``head_weight``; with
+        ``head_input_map`` ``M`` ``(D, C)`` (how the filtered feature map reaches the head, e.g.
+        ``classifier_features(...).head_input_map``), also start the map from ``M^T``, so that
+        ``X_ij^T C_k`` begins as class ``k``'s class activation map (up to the row's norm)."""
+        if self.head_features is None:
+            raise ValueError("set_head: this filter learns its class embeddings (head_features=None)")
+        if tuple(weight.shape) != tuple(self.head_weight.shape):
+            raise ValueError(f"weight: expected the head's weight of shape {tuple(self.head_weight.shape)}, "
+                             f"got {tuple(weight.shape)}")
+        if head_input_map is not None and tuple(head_input_map.shape) != tuple(self.projection.weight.shape[::-1]):
+            raise ValueError(f"head_input_map: expected shape {tuple(self.projection.weight.shape[::-1])}, "
+                             f"got {tuple(head_input_map.shape)}")
+        with torch.no_grad():
+            self.head_weight.copy_(weight.detach().to(self.head_weight))
+            if head_input_map is not None:
+                self.projection.weight.copy_(head_input_map.detach().t().to(self.projection.weight))
+
+    def embeddings(self, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``C_k``: ``(K, C)`` for every class, or ``(N, C)`` for ``class_ids``."""
+        if self.head_features is None:
+            return self.embedding.weight if class_ids is None else self.embedding(class_ids)
+        rows = self.head_weight if class_ids is None else self.head_weight[class_ids]
+        return self.projection(F.normalize(rows, dim=1))
 
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:
         """``max_ij X_ij^T C_k`` for every class ``k``: ``(N, K)``."""
-        logits = torch.einsum("nchw,kc->nkhw", features, self.embedding.weight.to(features.dtype))
+        logits = torch.einsum("nchw,kc->nkhw", features, self.embeddings().to(features.dtype))
         return logits.flatten(2).amax(2)
 
     def forward(self, features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Filtered features, the attention ``sigmoid(X_ij^T C_s)`` ``(N, 1, h, w)`` and the
         per-image ``max_ij X_ij^T C_s``."""
-        class_embedding = self.embedding(class_ids)  # (N, C)
+        class_embedding = self.embeddings(class_ids)  # (N, C)
         logits = torch.einsum("nchw,nc->nhw", features, class_embedding.to(features.dtype)).unsqueeze(1)
         attention = torch.sigmoid(logits)
         return features * attention, attention, logits.flatten(1).amax(1)
@@ -91,6 +131,7 @@ class Upsampler(nn.Module):
 
 
 CLASS_FILTERS = ("bottleneck", "all")
+CLASS_EMBEDDINGS = ("learned", "classifier_head")
 
 
 class MaskingModel(nn.Module):
@@ -105,6 +146,11 @@ class MaskingModel(nn.Module):
     multiplies every skip map by the filter's attention ``sigmoid(X_ij^T C_s)``, upsampled to
     that map's size: where the class is not seen, no feature reaches the decoder at any scale
     (measured in docs/objective.md: this is what makes masks empty for an absent class).
+
+    ``class_embedding``: ``"learned"`` (the paper's: one trained vector per class) or
+    ``"classifier_head"``: each class's vector is a trained linear map of the classifier's head
+    row for it (``class_embedding_features`` wide; see :class:`FeatureFilter`), so classes the
+    training data lacks are not left with a random embedding.
 
     Example:
         >>> from blackbox_saliency.encoders import SmallEncoder
@@ -123,10 +169,18 @@ class MaskingModel(nn.Module):
         num_bottlenecks: int = 1,
         freeze_encoder: bool = False,
         class_filter: str = "all",
+        class_embedding: str = "learned",
+        class_embedding_features: int | None = None,
     ):
         super().__init__()
         if class_filter not in CLASS_FILTERS:
             raise ValueError(f"class_filter: expected one of {CLASS_FILTERS}, got {class_filter!r}")
+        if class_embedding not in CLASS_EMBEDDINGS:
+            raise ValueError(f"class_embedding: expected one of {CLASS_EMBEDDINGS}, got {class_embedding!r}")
+        if (class_embedding == "classifier_head") != (class_embedding_features is not None):
+            raise ValueError("class_embedding_features: give the head's width with class_embedding='classifier_head' "
+                             f"and only then (got {class_embedding_features!r} with {class_embedding!r})")
+        self.class_embedding = class_embedding
         self.class_filter = class_filter
         if num_classes < 2:
             raise ValueError(f"num_classes: need at least 2 classes, got {num_classes}")
@@ -144,7 +198,7 @@ class MaskingModel(nn.Module):
         self.num_classes = num_classes
         self.mask_reduction = mask_reduction
         self.stride = reductions[-1]
-        self.feature_filter = FeatureFilter(num_classes, channels[-1])
+        self.feature_filter = FeatureFilter(num_classes, channels[-1], class_embedding_features)
         # Skip connections: every map from just below the coarsest down to the mask's scale.
         self._skip_indices = [i for i in range(len(reductions) - 1) if reductions[i] >= mask_reduction][::-1]
         upsamplers, cin, prev = [], channels[-1], reductions[-1]

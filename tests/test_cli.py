@@ -107,6 +107,13 @@ def test_fit_out_that_is_a_file_fails_before_training(tiny, tmp_path, capsys, mo
     assert "taken" in error_line(capsys, "fit")
 
 
+def test_fit_with_the_classifiers_head_as_class_embedding(tiny, tmp_path):
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--class-embedding", "classifier_head")) == 0
+    explainer = Explainer.from_pretrained(tmp_path / "out")
+    assert explainer.config.class_embedding == "classifier_head"
+    assert torch.equal(explainer.masking_model.feature_filter.head_weight, tiny[0][-1].weight)
+
+
 # push without a network
 
 

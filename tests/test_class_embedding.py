@@ -1,0 +1,135 @@
+"""class_embedding="classifier_head": class embeddings derived from the classifier's head rows."""
+
+import pytest
+import torch
+
+from blackbox_saliency import Explainer, ExplainerConfig, fit_explainer
+from blackbox_saliency._blackbox import head_weight
+from blackbox_saliency.testing import PlantedPatterns
+
+from conftest import SMALL, tiny_cnn
+
+HEAD = {**SMALL, "class_embedding": "classifier_head", "class_embedding_features": 8}
+
+
+def test_classes_with_the_same_head_row_get_the_same_mask():
+    explainer = Explainer(num_classes=4, **HEAD).eval()
+    rows = torch.randn(4, 8)
+    rows[3] = 2.5 * rows[1]  # same direction: the embedding uses the unit row
+    explainer.masking_model.feature_filter.set_head(rows)
+    images = torch.randn(2, 3, 32, 32)
+    same = [explainer.masks_with_details(images, torch.tensor([c, c])) for c in (1, 3)]
+    other = explainer.masks_with_details(images, torch.tensor([2, 2]))
+    assert torch.allclose(same[0].mask, same[1].mask, atol=1e-6)
+    assert torch.allclose(same[0].presence_logit, same[1].presence_logit, atol=1e-6)
+    assert not torch.allclose(same[0].presence_logit, other.presence_logit, atol=1e-3)
+
+
+def test_the_learned_embedding_keeps_one_vector_per_class():
+    explainer = Explainer(num_classes=4, **SMALL).eval()
+    assert explainer.config.class_embedding == "learned" and explainer.config.class_embedding_features is None
+    assert explainer.masking_model.feature_filter.embeddings().shape == (4, 32)
+
+
+def test_fit_reads_the_head_and_trains_the_map_not_the_rows():
+    classifier = tiny_cnn(4)
+    data = PlantedPatterns(32, patch=12, size=32)
+    explainer = fit_explainer(classifier, data, **SMALL, class_embedding="classifier_head", epochs=1, batch_size=8,
+                              device="cpu", progress=False, max_steps=3, embedding_steps=1)
+    ff = explainer.masking_model.feature_filter
+    assert explainer.config.class_embedding_features == 8
+    assert torch.equal(ff.head_weight, classifier[-1].weight)
+    assert "masking_model.feature_filter.head_weight" in dict(explainer.named_buffers())  # not a parameter
+    torch.manual_seed(0)
+    untrained = Explainer(num_classes=4, **{**HEAD}).masking_model.feature_filter.projection.weight
+    assert not torch.equal(untrained, ff.projection.weight)
+
+
+def test_saved_and_loaded_with_the_head_rows(tmp_path):
+    explainer = Explainer(num_classes=4, **HEAD).eval()
+    explainer.masking_model.feature_filter.set_head(torch.randn(4, 8))
+    explainer.save_pretrained(tmp_path / "e")
+    loaded = Explainer.from_pretrained(tmp_path / "e")
+    assert loaded.config == explainer.config
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(images, [0, 3]), explainer(images, [0, 3]))
+
+
+def test_configs_without_the_field_load_as_learned():
+    values = Explainer(num_classes=4, **SMALL).config.to_dict()
+    del values["class_embedding"], values["class_embedding_features"]
+    config = ExplainerConfig.from_dict(values)
+    assert config.class_embedding == "learned" and config.class_embedding_features is None
+
+
+@pytest.mark.parametrize("changes", [{"class_embedding": "classifier_head"},
+                                     {"class_embedding_features": 8},
+                                     {"class_embedding": "head"},
+                                     {"class_embedding": "classifier_head", "class_embedding_features": 0}])
+def test_inconsistent_settings_are_refused(changes):
+    values = {**Explainer(num_classes=4, **SMALL).config.to_dict(), **changes}
+    with pytest.raises(ValueError, match="class_embedding"):
+        ExplainerConfig.from_dict(values)
+    with pytest.raises(ValueError, match="class_embedding|head_features"):
+        Explainer(num_classes=4, **{**SMALL, **changes})
+
+
+def test_set_head_checks_the_shape():
+    explainer = Explainer(num_classes=4, **HEAD)
+    with pytest.raises(ValueError, match="weight"):
+        explainer.masking_model.feature_filter.set_head(torch.randn(4, 9))
+
+
+def test_head_weight_finds_the_final_layer_or_names_the_argument():
+    classifier = tiny_cnn(4)
+    assert torch.equal(head_weight(classifier, 4), classifier[-1].weight)
+    conv_head = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(6, 4, 1), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten())
+    assert head_weight(conv_head, 4).shape == (4, 6)
+    with pytest.raises(ValueError, match="class_embedding"):
+        head_weight(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), 4)
+
+
+def test_fit_refuses_a_classifier_without_a_linear_head():
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="class_embedding"):
+        fit_explainer(classifier, PlantedPatterns(16, patch=12, size=32), **SMALL, class_embedding="classifier_head",
+                      epochs=1, batch_size=8, device="cpu", progress=False, max_steps=1)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_classifier_features_start_the_embedding_as_class_activation_maps(name):
+    import timm
+
+    from blackbox_saliency.encoders import classifier_features
+
+    classifier = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    with torch.no_grad():  # BatchNorm statistics that are not 0 / 1
+        for m in classifier.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    encoder = classifier_features(classifier)
+    head = classifier.get_classifier().weight
+    explainer = Explainer(num_classes=5, encoder=encoder, class_embedding="classifier_head",
+                          class_embedding_features=head.shape[1]).eval()
+    explainer.masking_model.feature_filter.set_head(head, encoder.head_input_map)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        x = classifier.forward_features(images) if name == "resnet18" else classifier.blocks(
+            classifier.bn1(classifier.conv_stem(images)))
+        if name == "efficientnet_lite0":  # conv_head and BatchNorm's scale, not its shift or ReLU6
+            bn = classifier.bn2
+            z = torch.nn.functional.conv2d(x, classifier.conv_head.weight)
+            x = z * (bn.weight / (bn.running_var + bn.eps).sqrt()).view(1, -1, 1, 1)
+        cam = torch.einsum("nchw,kc->nkhw", x, torch.nn.functional.normalize(head, dim=1)).flatten(2).amax(2)
+        assert torch.allclose(explainer.masking_model.presence(images), cam, rtol=1e-4, atol=1e-4)
+
+
+def test_no_head_input_map_for_a_vit_pyramid():
+    import timm
+
+    from blackbox_saliency.encoders import classifier_features
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1)
+    assert not hasattr(classifier_features(vit), "head_input_map")  # its maps come from new layers
