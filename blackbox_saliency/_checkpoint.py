@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .explainer import Explainer, _atomic_write
+from .explainer import OLD_CONFIG_DEFAULTS, Explainer, _atomic_write
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -55,7 +55,8 @@ def restore(state: dict[str, Any], path: Path, explainer: Explainer, optimizer: 
     """Load ``state`` into ``explainer``, ``optimizer`` and the random generators after checking
     it comes from a run like this one (``epochs`` may grow: training extended); returns
     ``(epoch, batch, step)`` to continue from."""
-    strip = lambda c: {k: v for k, v in c.items() if k != "training"}  # noqa: E731
+    # a checkpoint written before a config field existed means that field's old default
+    strip = lambda c: {k: v for k, v in {**OLD_CONFIG_DEFAULTS, **c}.items() if k != "training"}  # noqa: E731
     others = lambda s: {k: v for k, v in s.items() if k != "epochs"}  # noqa: E731
     if (others(saved_settings(state)) != others(settings)
             or strip(json.loads(state["config"])) != strip(explainer.config.to_dict())):

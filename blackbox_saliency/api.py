@@ -167,8 +167,9 @@ def top_classes(
 
 def _warn_untrained_classes(explainer: Explainer, ids: torch.Tensor) -> None:
     """An explainer trained on some of the classifier's classes only (its config's
-    ``training["classes_explained"]``) has an untrained class embedding for the others: say so
-    rather than return masks that look like any other."""
+    ``training["classes_explained"]``) never trained the masks (nor, unless its embedding comes
+    from the classifier's head, the class embedding) of the others: say so rather than return
+    masks that look like any other."""
     trained = (explainer.config.training or {}).get("classes_explained")
     if not trained:
         return

@@ -226,9 +226,9 @@ def _head_input_map(classifier: nn.Module, channels: int) -> torch.Tensor | None
     head = get() if callable(get) else None
     if not isinstance(head, nn.Linear):
         return None
-    if head.in_features == channels:
-        return torch.eye(channels)
     conv, norm = getattr(classifier, "conv_head", None), getattr(classifier, "bn2", None)
+    if conv is None:  # nothing between the last map and the head but pooling (a ResNet's fc)
+        return torch.eye(channels) if head.in_features == channels else None
     if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1
             and conv.in_channels == channels and conv.out_channels == head.in_features):
         return None

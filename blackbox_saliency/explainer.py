@@ -106,6 +106,12 @@ class ClassifierInfo:
             raise ValueError(f"{where}: class_names must be a list of texts, got {names!r}")
 
 
+#: What a config written before a field existed means: explainers saved before ``class_filter``
+#: filtered the bottleneck only, and before ``class_embedding`` learned one vector per class.
+OLD_CONFIG_DEFAULTS: dict[str, Any] = {"class_filter": "bottleneck", "class_embedding": "learned",
+                                       "class_embedding_features": None}
+
+
 def _schema(*types: type) -> Any:
     """A required config field and the JSON types ``config.json`` may give it."""
     return field(metadata={"types": types})
@@ -172,11 +178,7 @@ class ExplainerConfig:
         if values.get("version") != CONFIG_VERSION:
             raise ValueError(f"config: unsupported version {values.get('version')!r}, expected {CONFIG_VERSION}")
         values = {k: v for k, v in values.items() if k not in ("format", "version")}
-        # explainers saved before class_filter existed filtered the bottleneck only
-        values.setdefault("class_filter", "bottleneck")
-        # ... and before class_embedding existed learned one vector per class
-        values.setdefault("class_embedding", "learned")
-        values.setdefault("class_embedding_features", None)
+        values = {**OLD_CONFIG_DEFAULTS, **values}
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in values]
         if missing:

@@ -41,13 +41,16 @@ class FeatureFilter(nn.Module):
     def __init__(self, num_classes: int, channels: int, head_features: int | None = None):
         super().__init__()
         self.head_features = head_features
+        if head_features is not None and (isinstance(head_features, bool) or not isinstance(head_features, int)
+                                          or head_features < 1):
+            raise ValueError(f"class_embedding_features: expected the head's width, a positive int, got {head_features!r}")
         if head_features is None:
             self.embedding = nn.Embedding(num_classes, channels)
             nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(channels))
         else:
-            if isinstance(head_features, bool) or not isinstance(head_features, int) or head_features < 1:
-                raise ValueError(f"head_features: expected a positive int, got {head_features!r}")
             self.register_buffer("head_weight", torch.zeros(num_classes, head_features))
+            self._head_set = False  # zero rows would give every class the same embedding
+            self._register_load_state_dict_pre_hook(self._head_loaded)
             # rows are unit-normalised in use, so this init gives the learned embedding's scale
             self.projection = nn.Linear(head_features, channels, bias=False)
             nn.init.normal_(self.projection.weight, std=1.0 / math.sqrt(channels))
@@ -67,13 +70,21 @@ class FeatureFilter(nn.Module):
                              f"got {tuple(head_input_map.shape)}")
         with torch.no_grad():
             self.head_weight.copy_(weight.detach().to(self.head_weight))
+            self._head_set = True
             if head_input_map is not None:
                 self.projection.weight.copy_(head_input_map.detach().t().to(self.projection.weight))
+
+    def _head_loaded(self, state_dict, prefix, *args) -> None:
+        if prefix + "head_weight" in state_dict:
+            self._head_set = True
 
     def embeddings(self, class_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``C_k``: ``(K, C)`` for every class, or ``(N, C)`` for ``class_ids``."""
         if self.head_features is None:
             return self.embedding.weight if class_ids is None else self.embedding(class_ids)
+        if not self._head_set:
+            raise RuntimeError("class_embedding: 'classifier_head' needs the classifier's head rows: call "
+                               "feature_filter.set_head(weight) or load trained weights (fit_explainer does it)")
         rows = self.head_weight if class_ids is None else self.head_weight[class_ids]
         return self.projection(F.normalize(rows, dim=1))
 

@@ -423,8 +423,11 @@ def fit_explainer(
                 info.setdefault("input_size", list(image0.shape))
                 head = None
                 if explainer_kwargs.get("class_embedding") == "classifier_head":
-                    head = head_weight(classifier, num_classes)
-                    explainer_kwargs.setdefault("class_embedding_features", head.shape[1])
+                    head = head_weight(classifier, num_classes, image0.unsqueeze(0).to(device))
+                    given = explainer_kwargs.setdefault("class_embedding_features", head.shape[1])
+                    if given != head.shape[1]:
+                        raise ValueError(f"class_embedding_features: the classifier's head reads {head.shape[1]} "
+                                         f"features, not {given!r} (leave it out: fit_explainer reads it)")
                 explainer = Explainer(
                     num_classes, encoder, pretrained_encoder=pretrained_encoder and isinstance(encoder, str),
                     encoder_kwargs=encoder_kwargs, in_chans=image0.shape[0], objective=objective.to_dict(),
@@ -437,6 +440,8 @@ def fit_explainer(
                         explainer.load_state_dict(init_from.state_dict(), strict=True)
                     except RuntimeError as err:
                         raise ValueError(f"init_from: its weights do not fit the explainer these arguments build: {err}") from err
+                    if head is not None:  # the rows of the classifier trained against, not of init_from's
+                        explainer.masking_model.feature_filter.set_head(head)
                 explainer.to(device)
                 explainer.config.training = settings.to_dict()
                 classes = _classes_explained(dataset, settings, num_classes)

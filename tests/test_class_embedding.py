@@ -70,7 +70,7 @@ def test_inconsistent_settings_are_refused(changes):
     values = {**Explainer(num_classes=4, **SMALL).config.to_dict(), **changes}
     with pytest.raises(ValueError, match="class_embedding"):
         ExplainerConfig.from_dict(values)
-    with pytest.raises(ValueError, match="class_embedding|head_features"):
+    with pytest.raises(ValueError, match="class_embedding"):
         Explainer(num_classes=4, **{**SMALL, **changes})
 
 
@@ -133,3 +133,67 @@ def test_no_head_input_map_for_a_vit_pyramid():
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1)
     assert not hasattr(classifier_features(vit), "head_input_map")  # its maps come from new layers
+
+
+def test_an_explainer_without_head_rows_refuses_to_run():
+    explainer = Explainer(num_classes=4, **HEAD).eval()  # zero rows: every class would look the same
+    with pytest.raises(RuntimeError, match="set_head"):
+        explainer(torch.randn(1, 3, 32, 32), [0])
+
+
+class _TwoHeads(torch.nn.Module):
+    """Logits are the mean of two heads (as a distilled DeiT's): neither head alone is the answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head, self.head_dist = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        z = self.features(x)
+        return (self.head(z) + self.head_dist(z)) / 2
+
+
+def test_head_weight_refuses_a_layer_whose_output_is_not_the_logits():
+    probe = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="class_embedding.*not its logits"):
+        head_weight(_TwoHeads(), 4, probe)
+    classifier = tiny_cnn(4)
+    assert torch.equal(head_weight(classifier, 4, probe), classifier[-1].weight)
+
+
+def test_head_weight_takes_timms_classifier_or_none():
+    import timm
+
+    headless = timm.create_model("resnet18", pretrained=False, num_classes=0)  # get_classifier() is Identity
+    with pytest.raises(ValueError, match="get_classifier"):
+        head_weight(headless, 512)
+    strided = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="class_embedding"):
+        head_weight(strided, 4)
+
+
+def test_fit_starts_the_map_from_the_classifiers_head_input_path():
+    import timm
+
+    from blackbox_saliency.encoders import classifier_features
+
+    classifier = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    encoder = classifier_features(classifier)
+    explainer = fit_explainer(classifier, PlantedPatterns(16, patch=12, size=32), encoder=encoder,
+                              class_embedding="classifier_head", epochs=1, batch_size=8, device="cpu",
+                              progress=False, max_steps=1, lr=0.0)
+    assert torch.equal(explainer.masking_model.feature_filter.projection.weight, torch.eye(512))
+
+
+def test_fit_checks_the_head_width_and_keeps_its_own_head_over_init_from():
+    classifier = tiny_cnn(4)
+    kwargs = dict(**SMALL, class_embedding="classifier_head", epochs=1, batch_size=8, device="cpu", progress=False,
+                  max_steps=1)
+    data = PlantedPatterns(16, patch=12, size=32)
+    with pytest.raises(ValueError, match="class_embedding_features.*8"):
+        fit_explainer(classifier, data, class_embedding_features=7, **kwargs)
+    first = fit_explainer(classifier, data, **kwargs)
+    other = tiny_cnn(4)  # another classifier of the same shape
+    second = fit_explainer(other, data, init_from=first, **kwargs)
+    assert torch.equal(second.masking_model.feature_filter.head_weight, other[-1].weight)

@@ -234,3 +234,15 @@ def test_the_classes_trained_on_are_recorded_and_explain_warns_for_the_others(tm
     tensors = TensorDataset(torch.zeros(4, 3, 8, 8), labels)
     assert torch.equal(training._dataset_labels(torch.utils.data.Subset(tensors, [3, 0])), torch.tensor([1, 2]))
     assert training._dataset_labels([(torch.zeros(3, 8, 8), 0)]) is None
+
+
+def test_a_checkpoint_written_before_class_embedding_existed_resumes(tmp_path):
+    import json
+
+    _fit(seed=3, max_steps=2, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    config = json.loads(state["config"])
+    del config["class_embedding"], config["class_embedding_features"]
+    state["config"] = json.dumps(config)
+    torch.save(state, tmp_path / "last.pt")
+    assert _fit(seed=3, checkpoint_dir=tmp_path, resume=True).config.training["steps"] == 4
