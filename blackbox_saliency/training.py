@@ -194,9 +194,9 @@ def _dataset_labels(dataset: object) -> torch.Tensor | None:
 
 def _classes_explained(dataset: object, settings: _Settings, num_classes: int) -> list[int] | None:
     """The classes whose masks training will teach, when that is known before training and is
-    not all of them: the labels present (``class_source="label"``). ``explain`` warns for any
-    other class: its embedding and masks were never trained."""
-    if settings.class_source != "label":
+    not all of them: the labels present (``class_source="label"`` or ``"correct"``). ``explain``
+    warns for any other class: its embedding and masks were never trained."""
+    if settings.class_source not in ("label", "correct"):
         return None
     labels = _dataset_labels(dataset)
     if labels is None:
@@ -244,7 +244,7 @@ def fit_explainer(
     objective: SaliencyObjective | dict[str, float] | None = None,
     lr: float = 1e-3,
     fake_label_prob: float = 0.3,
-    class_source: Literal["label", "prediction"] = "label",
+    class_source: Literal["label", "prediction", "correct"] = "label",
     presence_weight: float = 1.0,
     embedding_loss: Literal["all_classes", "sampled"] = "all_classes",
     embedding_steps: int | None = None,
@@ -286,7 +286,11 @@ def fit_explainer(
         fake_label_prob: share of samples given a wrong class; only the area term applies to
             them, so the model learns an empty mask for a class that is absent.
         class_source: the class to explain in training, the dataset's ``"label"`` or the
-            classifier's own ``"prediction"`` (was ``selector``).
+            classifier's own ``"prediction"`` (was ``selector``); or ``"correct"``: the label,
+            and the mask stage learns only from the images the classifier classifies correctly
+            (after augmentation; fake classes are drawn among them too). For data on which the
+            classifier is often wrong: there no mask can keep a class it does not see, and those
+            images only teach the area term to win. The embedding stage uses every label.
         presence_weight: weight of the presence loss, the paper's embedding speed-up: a binary
             cross-entropy that makes ``max_ij sigmoid(X_ij^T C_s)`` high for a class in the
             image and low for others (was ``selector_weight``).
@@ -380,8 +384,8 @@ def fit_explainer(
         raise ValueError(f"embedding_steps: expected an int >= 0, got {embedding_steps!r}")
     if not isinstance(freeze_embedding, bool):
         raise TypeError(f"freeze_embedding: expected True or False, got {freeze_embedding!r}")
-    if class_source not in ("label", "prediction"):
-        raise ValueError(f"class_source: expected 'label' or 'prediction', got {class_source!r}")
+    if class_source not in ("label", "prediction", "correct"):
+        raise ValueError(f"class_source: expected 'label', 'prediction' or 'correct', got {class_source!r}")
     if isinstance(objective, dict):
         objective = SaliencyObjective.from_dict(objective)
     objective = objective or SaliencyObjective()
@@ -734,13 +738,25 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     images, labels = _flip_and_select(classifier, images, labels, settings, shard)
     fake = shard.rand(n) < settings.fake_label_prob
     shift = shard.randint(1, k, n)  # a fake class is any other class: (y + U{1..K-1}) mod K
+    # Alternatives for the whole batch, fake rows included: the draws then do not depend on
+    # how many images of this process's share are real (or, below, classified correctly).
+    alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
+                    alternative_image(images, objective.blur_prob, shard=shard))
+    weight, extra = 1.0, {}
+    if settings.class_source == "correct":
+        with torch.no_grad():
+            correct = classifier(images).argmax(1) == labels
+        extra["correct"] = correct.float().mean()
+        keep = correct.nonzero().squeeze(1)
+        if not len(keep):  # nothing to learn from: row 0, area only and weighted 0, keeps the step's graph
+            keep, fake, weight = keep.new_zeros(1), torch.ones_like(fake), 0.0
+        host = keep.cpu()
+        images, labels, fake, shift = images[keep], labels[keep], fake[host], shift[host]
+        alternatives = (alternatives[0][keep], alternatives[1][keep])
+        n = len(keep)
     real_rows = (~fake).nonzero().squeeze(1)
     real = _host_to_device(~fake, device)
     class_ids = torch.where(real, labels, (labels + _host_to_device(shift, device)) % k)
-    # Alternatives for the whole batch, fake rows included: the draws then do not depend on
-    # how many images of this process's share are real.
-    alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
-                    alternative_image(images, objective.blur_prob, shard=shard))
     # Under freeze_embedding nothing the presence loss reaches can change in this stage: skip it.
     presence = bool(settings.presence_weight) and not settings.freeze_embedding
     out = model(images, class_ids, settings.embedding_loss == "all_classes" and presence)
@@ -749,7 +765,7 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     terms = objective.regulariser_terms(out.low_res_mask)
     terms["tv"] = terms["tv"] * real
     zero = out.mask.new_zeros(())
-    logged = {"area": out.mask.detach().mean(), "preserve": zero, "destroy": zero}
+    logged = {"area": out.mask.detach().mean(), "preserve": zero, "destroy": zero, **extra}
     if len(real_rows):
         rows = _host_to_device(real_rows, device)
         clf = objective.classifier_terms(classifier, images[rows], out.mask[rows], class_ids[rows],
@@ -757,13 +773,13 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
         for name, value in clf.items():  # back to one value per image, 0 for the fake rows
             terms[name] = terms["area"].new_zeros(n).index_add(0, rows, value.to(terms["area"].dtype))
         logged.update(preserve=clf["preserve"].detach().sum(), destroy=clf["destroy"].detach().sum())
-    loss = objective.combine(terms).mean()  # the objective's weights, in one place
+    loss = weight * objective.combine(terms).mean()  # the objective's weights, in one place
     if presence:
         if settings.embedding_loss == "all_classes":
             embed = presence_loss(out.class_logits, labels)
         else:
             embed = F.binary_cross_entropy_with_logits(out.presence_logit, real.float())
-        loss = loss + settings.presence_weight * embed
+        loss = loss + weight * settings.presence_weight * embed
         logged["embed"] = embed.detach()
     logged["loss"] = loss.detach()
     return loss, logged, len(real_rows)

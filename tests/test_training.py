@@ -126,6 +126,39 @@ def test_prediction_as_class_source():
     assert _fit(class_source="prediction").config.training["class_source"] == "prediction"
 
 
+def _relabelled(data: PlantedPatterns, wrong: torch.Tensor) -> TensorDataset:
+    """The planted images with the rows of ``wrong`` given a label the classifier never predicts."""
+    labels = torch.where(wrong, (data.labels + 1) % 4, data.labels)
+    return TensorDataset(data.images, labels)
+
+
+def test_correct_as_class_source_learns_only_from_correctly_classified_images(caplog):
+    data = PlantedPatterns(32, patch=12)
+    every = torch.ones(len(data), dtype=torch.bool)
+    settings = dict(seed=4, embedding_steps=0, log_every=1)
+
+    def moved(explainer):
+        torch.manual_seed(4)  # fit_explainer seeds the same way before it builds the explainer
+        start = dict(Explainer(num_classes=4, **SMALL).named_parameters())
+        return [name for name, p in explainer.named_parameters() if not torch.equal(p, start[name])]
+
+    # the matched filter never predicts these labels: nothing to learn from, no weight moves
+    none = _fit(data=_relabelled(data, every), class_source="correct", **settings)
+    assert none.config.training["class_source"] == "correct" and moved(none) == []
+    # the same labels as the plain label source do train it
+    assert moved(_fit(data=_relabelled(data, every), class_source="label", **settings))
+    with caplog.at_level(logging.INFO, logger="blackbox_saliency.training"):
+        half = _fit(data=_relabelled(data, torch.arange(len(data)) % 2 == 1), class_source="correct", **settings)
+    assert moved(half)
+    shares = [float(line.split("correct=")[1].split(",")[0]) for line in
+              (r.getMessage() for r in caplog.records) if line.startswith("step ")]
+    assert len(shares) == 4 and 0.2 < sum(shares) / 4 < 0.8  # about half of the (flipped) images
+    # its masks are taught for the labels present, as with "label"
+    assert half.config.training.get("classes_explained") is None  # all four classes present
+    with pytest.raises(ValueError, match="class_source: expected 'label', 'prediction' or 'correct'"):
+        _fit(class_source="labels")
+
+
 def test_old_argument_names_still_work_with_a_warning():
     with pytest.warns(FutureWarning, match="selector= is now class_source="):
         explainer = _fit(selector="prediction")
