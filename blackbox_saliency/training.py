@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default
 from tqdm.auto import tqdm
 
 from ._blackbox import device_of, frozen, head_weight
+from .allocator import keep_freed_memory
 from ._validation import check_classifier, probe_classifier
 from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, sync_batchnorm, unsync_batchnorm
 from .evidence import alternative_image
@@ -409,6 +410,8 @@ def fit_explainer(
         if batch_size % group.shard.world:
             raise ValueError(f"batch_size: {batch_size} must be divisible by the number of processes ({group.shard.world})")
         device = group.device
+        if device.type == "cpu":
+            keep_freed_memory()  # the kernel's page faults otherwise take much of a CPU step (allocator.py)
         settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, class_source, presence_weight, augment,
                              embedding_loss, embedding_steps, freeze_embedding)
         original_device = device_of(classifier, device)

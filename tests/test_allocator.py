@@ -1,0 +1,65 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blackbox_saliency import allocator, cli, training
+
+from conftest import SMALL
+from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
+
+linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                                 reason="glibc's allocator only")
+
+# Allocates, touches and frees a 64 MiB tensor (above glibc's largest dynamic mmap threshold,
+# 32 MiB) five times; prints whether the thresholds were raised and the page faults of the last three
+# (the first two fault in either way).
+_PROBE = """
+import resource, sys, torch
+from blackbox_saliency.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "apply" else False
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(16 * 2**20)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sum(faults[2:]))
+"""
+
+
+def _probe(mode: str, **env: str) -> tuple[bool, int]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    environment.pop(allocator.OPT_OUT, None)
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], env={**environment, **env}, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@linux_glibc
+def test_freed_blocks_stay_in_the_heap_instead_of_faulting_in_again():
+    applied, faults = _probe("apply")
+    default_applied, default_faults = _probe("default")
+    assert applied and not default_applied
+    pages = 64 * 2**20 // 4096
+    assert default_faults > 2 * pages  # each block mapped anew, every page faulted in
+    assert faults < pages // 10        # the first block's memory reused
+
+
+@linux_glibc
+def test_the_user_can_keep_glibcs_behaviour():
+    assert _probe("apply", BLACKBOX_SALIENCY_MALLOC="default")[0] is False
+    assert _probe("apply", MALLOC_MMAP_THRESHOLD_="262144")[0] is False  # their own setting wins
+
+
+def test_fit_explainer_on_the_cpu_and_the_command_line_apply_it(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append("fit"))
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("cli"))
+    fit = dict(SMALL, epochs=1, batch_size=8, progress=False, device="cpu", max_steps=1)
+    training.fit_explainer(PatternClassifier(patch=12), PlantedPatterns(16, patch=12), **fit)
+    assert calls == ["fit"]
+    cli.main(["explain", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "out")])  # fails: no image
+    assert calls == ["fit", "cli"]
