@@ -9,7 +9,10 @@ Two explainers at 224 px: one on a ResNet-50 encoder (the paper's size) and one 
 EfficientNet-Lite0 encoder; the classifier is EfficientNet-Lite0 (random weights when the
 weights package is absent: speed does not depend on them). Throughput is measured on batches of
 ``--batch-size`` after warm-up; latency on single images. The iterative method is timed for
-``--optimize-steps`` steps and reported per image for that many steps.
+``--optimize-steps`` steps and reported per image for that many steps. On the CPU the process
+first calls ``blackbox_saliency.allocator.keep_freed_memory()``, as the CLI does;
+``BLACKBOX_SALIENCY_MALLOC=default`` in the environment times glibc's own behaviour (the header
+says which).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import timm
 import torch
 
 from blackbox_saliency import Explainer, explain
+from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.baselines import grad_cam, gradient_saliency
 
 
@@ -56,6 +60,7 @@ def main() -> None:
                         help="also time a trained explainer (a folder or Hub repo id), e.g. blackbox_saliency/weights/explainer-efficientnet_lite0")
     args = parser.parse_args()
     device = args.device
+    heap = keep_freed_memory() if device == "cpu" else None
     torch.manual_seed(0)
     classifier = timm.create_model("efficientnet_lite0", pretrained=False).eval().to(device)
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
@@ -95,7 +100,9 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (False, None)]
     print(f"Command: `python benchmarks/speed.py {' '.join(flags)}`  ")
-    print(f"Device: {name}; torch {torch.__version__}; batch {args.batch_size} at 224 px; date: {date.today()}.\n")
+    allocator = {True: "; freed memory kept in the heap (keep_freed_memory)",
+                 False: "; glibc's own allocator behaviour", None: ""}[heap]
+    print(f"Device: {name}; torch {torch.__version__}; batch {args.batch_size} at 224 px{allocator}; date: {date.today()}.\n")
     print("| method | masks/s | time per mask / classifier forward time | single-image latency (ms) |")
     print("| --- | --- | --- | --- |")
     for label, r, latency in rows:
