@@ -1,4 +1,5 @@
 import os
+import platform
 import subprocess
 import sys
 
@@ -10,23 +11,23 @@ from blackbox_saliency import allocator, cli, training
 from conftest import SMALL
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
-linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                  reason="glibc's allocator only")
 
 # Allocates, touches and frees a 64 MiB tensor (above glibc's largest dynamic mmap threshold,
-# 32 MiB) five times; prints whether the thresholds were raised and the page faults of the last three
-# (the first two fault in either way).
+# 32 MiB) eight times; prints whether the thresholds were raised and how many of the last six
+# passes faulted in more than half a block's pages (the first two fault in either way).
 _PROBE = """
 import resource, sys, torch
 from blackbox_saliency.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "apply" else False
-faults = []
-for _ in range(5):
+faulted = []
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = torch.ones(16 * 2**20)
     del block
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, sum(faults[2:]))
+    faulted.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 64 * 2**20 // 4096 // 2)
+print(applied, sum(faulted[2:]))
 """
 
 
@@ -43,9 +44,8 @@ def test_freed_blocks_stay_in_the_heap_instead_of_faulting_in_again():
     applied, faults = _probe("apply")
     default_applied, default_faults = _probe("default")
     assert applied and not default_applied
-    pages = 64 * 2**20 // 4096
-    assert default_faults > 2 * pages  # each block mapped anew, every page faulted in
-    assert faults < pages // 10        # the first block's memory reused
+    assert default_faults == 6  # each block mapped anew, its pages faulted in every time
+    assert faults <= 1          # the first blocks' memory reused (one stray pass tolerated)
 
 
 @linux_glibc
