@@ -292,6 +292,8 @@ def fit_explainer(
             (after augmentation; fake classes are drawn among them too). For data on which the
             classifier is often wrong: there no mask can keep a class it does not see, and those
             images only teach the area term to win. The embedding stage uses every label.
+            Under ``torchrun`` each process averages over the images it kept, so the result
+            is no longer exactly one process's.
         presence_weight: weight of the presence loss, the paper's embedding speed-up: a binary
             cross-entropy that makes ``max_ij sigmoid(X_ij^T C_s)`` high for a class in the
             image and low for others (was ``selector_weight``).
