@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blackbox_saliency import SaliencyObjective, fit_explainer
+from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.datasets import DecodedImages
 from blackbox_saliency.classifiers import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.metrics import saliency_metric
@@ -307,6 +308,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        keep_freed_memory()  # as fit_explainer and the CLI do on the CPU (docs/speed.md, "The CPU's allocator")
     data = load_pack(args.pack)
     if args.limit:
         data = {k: subset(*v, args.limit) for k, v in data.items()}
