@@ -72,3 +72,22 @@ def test_training_throughput_benchmark_runs():
     assert "small encoder 8/16/32" in rows[4] and "as hub/train_cifar10.py trains it" in rows[-1]
     assert "Command: `python benchmarks/train_throughput.py --device cpu --lite0-batch 2 --cifar-batch 8" in out
     assert "--cifar-widths 8/16/32" in out  # the command as it was typed
+
+
+def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_images():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "saliency_interval.py"
+    spec = importlib.util.spec_from_file_location("saliency_interval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generator = torch.Generator().manual_seed(0)
+    assert module.bootstrap_interval(torch.full((50,), 0.3), 200, generator) == pytest.approx((0.3, 0.3))
+    # exponential scores, mean 1: the interval holds the sample mean and shrinks about as 1/sqrt(n)
+    few = torch.empty(100).exponential_(generator=generator)
+    many = torch.empty(10000).exponential_(generator=generator)
+    low, high = module.bootstrap_interval(few, 2000, generator)
+    assert low < few.mean().item() < high
+    many_low, many_high = module.bootstrap_interval(many, 500, generator)
+    assert many_low < many.mean().item() < many_high
+    assert 5 < (high - low) / (many_high - many_low) < 20

@@ -1,0 +1,106 @@
+"""How sure a saliency-metric comparison is: per-image scores and a paired bootstrap interval.
+
+    python benchmarks/saliency_interval.py --classifier cifar10 --data cifar10-test \
+        --pack ../shared/data/cifar10-jpeg.tar.gz --limit 10000 \
+        --explainer blackbox_saliency/weights/explainer-cifar10 --explainer OTHER_FOLDER
+
+The saliency metric is a mean of ``log(max(a, 0.05)) - log(p)`` over images, and ``-log p`` has a
+long tail (one image with p = 1e-4 adds 9.2 / N), so two methods a few thousandths apart on 500
+images may not differ at all. For the same images as ``benchmarks/evaluate.py`` (same seed and
+order), this scores the max box, the centre box and each ``--explainer`` per image, then gives
+each method's mean with a 95% bootstrap interval, and its mean difference from the centre box
+and from the max box with a 95% paired bootstrap interval (the same resampled images for both).
+Also the mean mask for the true class and for a random absent one (as in ``evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import load_data  # noqa: E402  (same images, same order)
+
+from blackbox_saliency import Explainer, explain, load_classifier  # noqa: E402
+from blackbox_saliency.baselines import BASELINES  # noqa: E402
+from blackbox_saliency.metrics import saliency_metric  # noqa: E402
+
+
+def bootstrap_interval(values: torch.Tensor, resamples: int, generator: torch.Generator) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``values`` (or of paired differences)."""
+    picks = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    means = values[picks].mean(1)
+    return means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
+def masks_for(model, explainer, images, labels, batch_size):
+    return torch.cat([explain(model, images[i : i + batch_size], labels[i : i + batch_size], explainer=explainer).float()
+                      for i in range(0, len(images), batch_size)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classifier", default="efficientnet_lite0")
+    parser.add_argument("--data", choices=["tiny-val", "imagenet-samples", "cifar10-test"], required=True)
+    parser.add_argument("--pack", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--explainer", action="append", default=[], help="folder or Hub repo id; repeat for several")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.explainer:
+        parser.error("--explainer: give at least one")
+
+    model, preprocess = load_classifier(args.classifier)
+    images, labels, _ = load_data(args, model, preprocess)
+    k = model(images[:1]).shape[1]
+    absent = (labels + torch.randint(1, k, labels.shape, generator=torch.Generator().manual_seed(args.seed + 1))) % k
+
+    scores, areas = {}, {}
+    for name in ("max box", "centre box"):
+        masks = BASELINES[name](model, images, labels)
+        scores[name] = saliency_metric(model, images, masks, labels)
+    for folder in args.explainer:
+        explainer = Explainer.from_pretrained(folder)
+        masks = masks_for(model, explainer, images, labels, args.batch_size)
+        scores[folder] = saliency_metric(model, images, masks, labels)
+        areas[folder] = (masks.mean().item(), masks_for(model, explainer, images, absent, args.batch_size).mean().item())
+
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    lines = [
+        f"Classifier `{args.classifier}` on {len(images)} images of `{args.data}`; {args.resamples} bootstrap resamples.",
+        "",
+        f"Command: `python benchmarks/saliency_interval.py {shlex.join(sys.argv[1:])}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+        f"date: {date.today()}.",
+        "",
+        "| method | saliency metric (95% interval) | minus centre box (95% paired interval) | minus max box (95% paired "
+        "interval) | mean mask, true class | mean mask, absent class |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, values in scores.items():
+        low, high = bootstrap_interval(values, args.resamples, generator)
+        cells = [f"{values.mean():.3f} ({low:.3f} to {high:.3f})"]
+        for reference in ("centre box", "max box"):
+            difference = values - scores[reference]
+            d_low, d_high = bootstrap_interval(difference, args.resamples, generator)
+            cells.append(f"{difference.mean():+.3f} ({d_low:+.3f} to {d_high:+.3f})" if name != reference else "")
+        true_area, absent_area = areas.get(name, (None, None))
+        cells += [f"{true_area:.3f}" if true_area is not None else "", f"{absent_area:.3f}" if absent_area is not None else ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
