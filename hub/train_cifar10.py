@@ -2,7 +2,7 @@
 
     # from the repository root, on a CPU (bf16 where native) or a GPU; each step checkpoints into
     # ~/.cache/blackbox-saliency/runs and the same command resumes an interrupted run:
-    nohup python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --epochs 10 \
+    nohup python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --epochs 16 \
         > cifar10-classifier.log 2>&1 &
     python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --epochs 4
 
