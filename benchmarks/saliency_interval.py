@@ -61,6 +61,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.explainer:
         parser.error("--explainer: give at least one")
+    for name in ("limit", "batch_size", "resamples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
 
     model, preprocess = load_classifier(args.classifier)
     images, labels, _ = load_data(args, model, preprocess)
