@@ -57,6 +57,7 @@ VARIANTS = {
     "fixed-stage-area2-preserve1": ({"area_weight": 2.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
     # half the samples given a fake class (default 30%): more of the area-only pull on absent classes
     "fixed-stage-preserve1-fake50": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.5}),
+    "fixed-stage-preserve1-fake55": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.55}),
     "fixed-stage-preserve1-fake60": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.6}),
     "fixed-stage-preserve1-fake70": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.7}),
 }
