@@ -91,3 +91,16 @@ def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_ima
     many_low, many_high = module.bootstrap_interval(many, 500, generator)
     assert many_low < many.mean().item() < many_high
     assert 5 < (high - low) / (many_high - many_low) < 20
+
+
+def test_inference_options_table_runs_and_rejects_bad_images():
+    command = [sys.executable, str(ROOT / "benchmarks" / "inference_options.py"), "--images", "4"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == ["`channels_last=True`", "`dtype=torch.float16`",
+                                                           "`dtype=torch.bfloat16`"]
+    assert all(0 <= float(row.split("|")[2]) < 0.05 for row in rows)
+    bad = subprocess.run(command[:2] + ["--images", "0"], capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0 and "--images: must be at least 1" in bad.stderr
