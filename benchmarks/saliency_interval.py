@@ -11,6 +11,11 @@ order), this scores the max box, the centre box and each ``--explainer`` per ima
 each method's mean with a 95% bootstrap interval, and its mean difference from the centre box
 and from the max box with a 95% paired bootstrap interval (the same resampled images for both).
 Also the mean mask for the true class and for a random absent one (as in ``evaluate.py``).
+
+A mask with no pixel above 0.5 scores as the whole image (its box is the image), so an explainer
+can beat the centre box overall by leaving empty exactly the images whose object is off centre.
+A second table splits each explainer's images into those two kinds and compares it with the
+centre box on each, paired.
 """
 
 from __future__ import annotations
@@ -37,6 +42,22 @@ def bootstrap_interval(values: torch.Tensor, resamples: int, generator: torch.Ge
     picks = torch.randint(len(values), (resamples, len(values)), generator=generator)
     means = values[picks].mean(1)
     return means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
+def empty_split(method: torch.Tensor, centre: torch.Tensor, is_empty: torch.Tensor, resamples: int,
+                generator: torch.Generator) -> list[str]:
+    """Table cells: the share of empty masks, then the method's paired difference from the centre
+    box on the images whose mask is not empty, and on those whose mask is (there the method's
+    score is the whole image's)."""
+    cells = [f"{is_empty.float().mean():.3f}"]
+    for rows in (~is_empty, is_empty):
+        if not rows.any():
+            cells.append("no images")
+            continue
+        difference = method[rows] - centre[rows]
+        low, high = bootstrap_interval(difference, resamples, generator)
+        cells.append(f"{difference.mean():+.3f} ({low:+.3f} to {high:+.3f}), {int(rows.sum())} images")
+    return cells
 
 
 def masks_for(model, explainer, images, labels, batch_size):
@@ -70,7 +91,7 @@ def main() -> None:
     k = model(images[:1]).shape[1]
     absent = (labels + torch.randint(1, k, labels.shape, generator=torch.Generator().manual_seed(args.seed + 1))) % k
 
-    scores, areas = {}, {}
+    scores, areas, empty = {}, {}, {}
     for name in ("max box", "centre box"):
         masks = BASELINES[name](model, images, labels)
         scores[name] = saliency_metric(model, images, masks, labels)
@@ -78,6 +99,7 @@ def main() -> None:
         explainer = Explainer.from_pretrained(folder)
         masks = masks_for(model, explainer, images, labels, args.batch_size)
         scores[folder] = saliency_metric(model, images, masks, labels)
+        empty[folder] = masks.flatten(1).amax(1) <= 0.5  # as tightest_box: nothing above the threshold
         areas[folder] = (masks.mean().item(), masks_for(model, explainer, images, absent, args.batch_size).mean().item())
 
     generator = torch.Generator().manual_seed(args.seed + 2)
@@ -101,6 +123,11 @@ def main() -> None:
             cells.append(f"{difference.mean():+.3f} ({d_low:+.3f} to {d_high:+.3f})" if name != reference else "")
         true_area, absent_area = areas.get(name, (None, None))
         cells += [f"{true_area:.3f}" if true_area is not None else "", f"{absent_area:.3f}" if absent_area is not None else ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | true-class masks empty | on the others: method minus centre box (95% paired interval) | "
+              "on the empty ones: max box minus centre box (95% paired interval) |", "| --- | --- | --- | --- |"]
+    for name, is_empty in empty.items():
+        cells = empty_split(scores[name], scores["centre box"], is_empty, args.resamples, generator)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 

@@ -93,6 +93,22 @@ def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_ima
     assert 5 < (high - low) / (many_high - many_low) < 20
 
 
+def test_saliency_interval_splits_empty_masks_from_the_others():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "saliency_interval.py"
+    spec = importlib.util.spec_from_file_location("saliency_interval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.tensor([0.5, 0.5, 0.5, 2.0])
+    method = torch.tensor([0.7, 0.7, 0.7, 1.0])  # worse where it drew a box, better where it left the whole image
+    cells = module.empty_split(method, centre, torch.tensor([False, False, False, True]), 100, generator)
+    assert cells == ["0.250", "+0.200 (+0.200 to +0.200), 3 images", "-1.000 (-1.000 to -1.000), 1 images"]
+    cells = module.empty_split(method, centre, torch.zeros(4, dtype=torch.bool), 100, generator)
+    assert cells[0] == "0.000" and cells[2] == "no images"
+
+
 def test_inference_options_table_runs_and_rejects_bad_images():
     command = [sys.executable, str(ROOT / "benchmarks" / "inference_options.py"), "--images", "4"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
