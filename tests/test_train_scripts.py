@@ -92,3 +92,34 @@ def test_push_checks_a_classifier_folder_before_pushing_anything(tmp_path, monke
     with pytest.raises(ValueError, match="unexpected architecture"):
         push.main(["--owner", "someone"], weights=tmp_path)
     assert _RecordingApi.calls == []
+
+
+def test_cifar10_heldout_scores_count_empty_masks_and_presence_hits():
+    script = _script("train_cifar10")
+    labels = torch.tensor([0, 1, 2, 3])
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+
+    class Stub(torch.nn.Module):
+        """Masks empty for the first two images, full for the others; presence right for image 0 only."""
+
+        def __init__(self):
+            super().__init__()
+            self.masking_model = self
+            self.calls = 0
+
+        def forward(self, x, class_ids):
+            masks = torch.ones(len(x), 1, 32, 32)
+            masks[:2] = 0.2
+            return masks
+
+        def presence(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[0, 0] = 1.0
+            logits[1:, 9] = 1.0  # image 3's label is 3, not 9
+            return logits
+
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    scores = script.evaluate_explainer(Stub(), classifier, images, labels, "cpu")
+    assert scores["empty_true"] == 0.5
+    assert scores["presence_top1"] == 0.25
+    assert abs(scores["area_true"] - 0.6) < 1e-6
