@@ -29,3 +29,19 @@ def test_pull_example_falls_back_to_the_local_copy_offline(tmp_path):
     out = _run("pull_pretrained.py", "--out", str(tmp_path))
     assert "using the local copy" in out and "localisation error on 16 new images" in out
     assert len(list(tmp_path.glob("planted*.png"))) == 4
+
+
+def test_fit_example_trains_saves_and_reports_both_masks(tmp_path):
+    import pytest
+
+    from conftest import SHARED_DATA
+
+    pack = SHARED_DATA / "cifar10-jpeg.tar.gz"
+    if not pack.exists():
+        pytest.skip("shared CIFAR-10 pack not found")
+    out = _run("fit_custom_classifier.py", "--cifar-pack", str(pack), "--cache", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "explainer"), "--train-images", "256", "--classifier-epochs", "1",
+               "--epochs", "1", "--embedding-epochs", "1")
+    assert "mean mask on 500 test images: true class" in out and "absent class" in out
+    assert (tmp_path / "explainer" / "model.safetensors").exists()
+    assert len(list((tmp_path / "explainer").glob("test*.png"))) == 8
