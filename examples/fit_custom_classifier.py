@@ -16,8 +16,8 @@ CIFAR-10. The class embedding gets 3 epochs of its own before the masks' 2
 printing the mean mask on test images for the true class and for an absent one: check both
 before trusting an explainer. With the defaults (2026-12-02, 2 CPU threads, 3.5 min in all) the
 classifier reached 51.8% and the masks averaged 0.123 for the true class and 0.028 for an
-absent one (with the embedding stage a quarter of 2 epochs, as before 2026-12-01's eleventh
-session, and an unseeded classifier: 0.099 and 0.061). The API at work, not a good explainer,
+absent one (one run; the run before 2026-12-01's eleventh session, with the embedding stage a
+quarter of 2 epochs and an unseeded classifier, three changes at once: 0.099 and 0.061). The API at work, not a good explainer,
 which needs a good classifier and longer training. The shipped one, ``load_classifier("cifar10")`` with its explainer,
 is made by ``hub/train_cifar10.py``. On a GPU use ``--train-images 50000
 --classifier-epochs 30 --epochs 20``.
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("explainer-cifar10"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)  # the classifier's init and shuffling: the same run gives the same numbers on a CPU
+    torch.manual_seed(0)  # the classifier's init and shuffling
 
     if not (args.cache / "cifar10").exists():
         args.cache.mkdir(parents=True, exist_ok=True)
