@@ -265,17 +265,24 @@ def evaluate_explainer(explainer, classifier, images, labels, device) -> dict[st
     return {k: torch.cat(v).mean().item() for k, v in results.items()}
 
 
-def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
-                    max_steps: int | None, checkpoints: Path) -> None:
-    from blackbox_saliency.classifiers import _load_cifar10
+def _classifier_and_split(data, out: Path, device: str):
+    """``OUT``'s classifier on ``device``, the training images and labels, and the rows to train
+    on and to hold out (the same for every explainer run and every ``score``)."""
     from blackbox_saliency import pretrained
+    from blackbox_saliency.classifiers import _load_cifar10
 
-    pretrained.WEIGHTS_FOLDER = out  # read the classifier just trained
+    pretrained.WEIGHTS_FOLDER = out  # read the classifier trained there
     classifier, _ = _load_cifar10()
     classifier.to(device)
     images, labels = data["train"]
-    num_classes = len(CIFAR10_CLASSES)
-    train_rows, heldout_rows = heldout_split(labels, per_class=min(HELDOUT_PER_CLASS, len(labels) // (10 * num_classes)))
+    per_class = min(HELDOUT_PER_CLASS, len(labels) // (10 * len(CIFAR10_CLASSES)))
+    train_rows, heldout_rows = heldout_split(labels, per_class=per_class)
+    return classifier, images, labels, train_rows, heldout_rows
+
+
+def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
+                    max_steps: int | None, checkpoints: Path) -> None:
+    classifier, images, labels, train_rows, heldout_rows = _classifier_and_split(data, out, device)
     # uint8 in memory, normalised a batch at a time (no loader)
     train_set = DecodedImages(images[train_rows], labels[train_rows], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     objective_fields, fit_kwargs = VARIANTS[variant]
@@ -318,14 +325,9 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
 
 def score_explainers(data, out: Path, folders: list[Path], device: str, seed: int) -> None:
     """Print each saved explainer's held-out scores (those ``explainer`` writes to heldout.json)."""
-    from blackbox_saliency import Explainer, pretrained
-    from blackbox_saliency.classifiers import _load_cifar10
+    from blackbox_saliency import Explainer
 
-    pretrained.WEIGHTS_FOLDER = out
-    classifier, _ = _load_cifar10()
-    classifier.to(device)
-    images, labels = data["train"]
-    _, heldout_rows = heldout_split(labels, per_class=min(HELDOUT_PER_CLASS, len(labels) // (10 * len(CIFAR10_CLASSES))))
+    classifier, images, labels, _, heldout_rows = _classifier_and_split(data, out, device)
     for folder in folders:
         explainer = Explainer.from_pretrained(folder).to(device).eval()
         torch.manual_seed(seed)  # the absent classes drawn

@@ -123,3 +123,31 @@ def test_cifar10_heldout_scores_count_empty_masks_and_presence_hits():
     assert scores["empty_true"] == 0.5
     assert scores["presence_top1"] == 0.25
     assert abs(scores["area_true"] - 0.6) < 1e-6
+
+
+def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    from conftest import SHARED_DATA
+
+    pack = SHARED_DATA / "cifar10-jpeg.tar.gz"
+    if not pack.exists():
+        pytest.skip("shared CIFAR-10 pack not found")
+    shutil.copytree(ROOT / "blackbox_saliency" / "weights" / "classifier-cifar10", tmp_path / "classifier-cifar10")
+    script = [sys.executable, str(ROOT / "hub" / "train_cifar10.py")]
+    common = ["--pack", str(pack), "--out", str(tmp_path), "--limit", "1000"]
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([*script, "explainer", *common, "--epochs", "1", "--max-steps", "2", "--batch-size", "16",
+                           "--checkpoints", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "explainer-cifar10" / "model.safetensors").exists()  # the shipped variant's folder
+    done = subprocess.run([*script, "score", *common, "--explainer", str(tmp_path / "explainer-cifar10")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "held-out (100 images)" in done.stdout and '"presence_top1"' in done.stdout
+    done = subprocess.run([*script, "score", *common], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0 and "--explainer: score needs at least one" in done.stderr
