@@ -77,6 +77,8 @@ def main() -> None:
                              "recognise gets an empty mask)")
     parser.add_argument("--out", type=Path, default=Path("explainer-cifar10"))
     args = parser.parse_args()
+    if args.embedding_epochs < 0:
+        parser.error(f"--embedding-epochs: must be 0 or more, got {args.embedding_epochs}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)  # the classifier's init and shuffling
 
