@@ -74,13 +74,18 @@ def test_training_throughput_benchmark_runs():
     assert "--cifar-widths 8/16/32" in out  # the command as it was typed
 
 
-def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_images():
+def _saliency_interval():
+    """benchmarks/saliency_interval.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "saliency_interval.py"
-    spec = importlib.util.spec_from_file_location("saliency_interval", path)
+    spec = importlib.util.spec_from_file_location("saliency_interval", ROOT / "benchmarks" / "saliency_interval.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_images():
+    module = _saliency_interval()
     generator = torch.Generator().manual_seed(0)
     assert module.bootstrap_interval(torch.full((50,), 0.3), 200, generator) == pytest.approx((0.3, 0.3))
     # exponential scores, mean 1: the interval holds the sample mean and shrinks about as 1/sqrt(n)
@@ -94,12 +99,7 @@ def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_ima
 
 
 def test_saliency_interval_splits_empty_masks_from_the_others():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "saliency_interval.py"
-    spec = importlib.util.spec_from_file_location("saliency_interval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _saliency_interval()
     generator = torch.Generator().manual_seed(0)
     centre = torch.tensor([0.5, 0.5, 0.5, 2.0])
     method = torch.tensor([0.7, 0.7, 0.7, 1.0])  # worse where it drew a box, better where it left the whole image
