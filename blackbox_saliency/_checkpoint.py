@@ -15,6 +15,7 @@ CHECKPOINT_NAME = "last.pt"
 
 # Settings renamed since checkpoints were first written: old checkpoints still resume.
 _RENAMED_SETTINGS = {"selector": "class_source", "selector_weight": "presence_weight"}
+_OLD_SETTINGS_DEFAULTS = {"presence_targets": "class"}
 
 
 def save_checkpoint(path: Path, explainer: Explainer, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
@@ -47,7 +48,8 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 def saved_settings(state: dict[str, Any]) -> dict[str, Any]:
     """The run settings a checkpoint was written with, under today's names."""
-    return {_RENAMED_SETTINGS.get(k, k): v for k, v in json.loads(state["settings"]).items()}
+    # a checkpoint written before a setting existed means that setting's old default
+    return {**_OLD_SETTINGS_DEFAULTS, **{_RENAMED_SETTINGS.get(k, k): v for k, v in json.loads(state["settings"]).items()}}
 
 
 def restore(state: dict[str, Any], path: Path, explainer: Explainer, optimizer: torch.optim.Optimizer,

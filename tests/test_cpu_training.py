@@ -100,6 +100,33 @@ def test_presence_loss_by_hand():
     assert torch.allclose(presence_loss(logits, torch.tensor([0])), expected)
 
 
+def test_presence_loss_with_the_prediction_also_present_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.0]])
+    # present: mean of softplus(-2) and softplus(0); absent: softplus(-1) alone
+    expected = 0.5 * (0.5 * (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(0.0))) + F.softplus(torch.tensor(-1.0)))
+    assert torch.allclose(presence_loss(logits, torch.tensor([0]), torch.tensor([2])), expected)
+    # a prediction equal to the label changes nothing
+    assert torch.allclose(presence_loss(logits, torch.tensor([0]), torch.tensor([0])), presence_loss(logits, torch.tensor([0])))
+
+
+def test_presence_targets_teach_the_embedding_the_classifiers_prediction():
+    # the classifier names class 3 for every image; the labels cycle through 0-3
+    classifier = tiny_cnn()
+    with torch.no_grad():
+        classifier[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))
+    data = _decoded(n=32)
+    seen = {}
+    for targets in ("class", "class_and_prediction"):
+        explainer = fit_explainer(classifier, data, epochs=20, batch_size=8, max_steps=60, embedding_steps=60,
+                                  presence_targets=targets, seed=0, progress=False, **SMALL)
+        assert explainer.config.training["presence_targets"] == targets
+        images, labels = data.batch(torch.arange(32))
+        with torch.no_grad():
+            seen[targets] = torch.sigmoid(explainer.masking_model.presence(images))[labels != 3, 3].mean().item()
+    # told that class 3 is present wherever the classifier names it, the embedding sees it there
+    assert seen["class_and_prediction"] > seen["class"] + 0.2
+
+
 def test_embedding_stage_trains_only_the_embedding_and_encoder():
     torch.manual_seed(0)
     reference = Explainer(4, **SMALL).state_dict()
@@ -139,6 +166,7 @@ def test_old_configs_load_with_the_papers_filter():
     ({"channels_last": "yes"}, "channels_last"),
     ({"embedding_loss": "max"}, "embedding_loss"),
     ({"embedding_steps": -1}, "embedding_steps"),
+    ({"presence_targets": "prediction"}, "presence_targets"),
     ({"class_filter": "skips"}, "class_filter"),
 ])
 def test_bad_training_options_are_named(kwargs, match):
