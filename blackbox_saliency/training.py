@@ -197,8 +197,10 @@ def _dataset_labels(dataset: object) -> torch.Tensor | None:
 def _classes_explained(dataset: object, settings: _Settings, num_classes: int) -> list[int] | None:
     """The classes whose masks training will teach, when that is known before training and is
     not all of them: the labels present (``class_source="label"`` or ``"correct"``). ``explain``
-    warns for any other class: its embedding and masks were never trained."""
-    if settings.class_source not in ("label", "correct"):
+    warns for any other class: its embedding and masks were never trained. With the
+    classifier's predictions among the presence targets the embedding also learns every class
+    the classifier names on the data, which is not known beforehand: nothing is recorded."""
+    if settings.class_source not in ("label", "correct") or settings.presence_targets != "class":
         return None
     labels = _dataset_labels(dataset)
     if labels is None:

@@ -263,6 +263,7 @@ def test_the_classes_trained_on_are_recorded_and_explain_warns_for_the_others(tm
     # every class present, or the class chosen by the classifier: nothing known to restrict
     assert "classes_explained" not in _fit(data=data).config.training
     assert "classes_explained" not in _fit(data=two, class_source="prediction").config.training
+    assert "classes_explained" not in _fit(data=two, presence_targets="class_and_prediction").config.training
     labels = torch.tensor([2, 0, 2, 1])
     tensors = TensorDataset(torch.zeros(4, 3, 8, 8), labels)
     assert torch.equal(training._dataset_labels(torch.utils.data.Subset(tensors, [3, 0])), torch.tensor([1, 2]))
