@@ -74,14 +74,18 @@ def test_training_throughput_benchmark_runs():
     assert "--cifar-widths 8/16/32" in out  # the command as it was typed
 
 
-def _saliency_interval():
-    """benchmarks/saliency_interval.py as a module (benchmarks/ is not a package)."""
+def _benchmark(name):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("saliency_interval", ROOT / "benchmarks" / "saliency_interval.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _saliency_interval():
+    return _benchmark("saliency_interval")
 
 
 def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_images():
@@ -107,6 +111,17 @@ def test_saliency_interval_splits_empty_masks_from_the_others():
     assert cells == ["0.250", "+0.200 (+0.200 to +0.200), 3 images", "-1.000 (-1.000 to -1.000), 1 images"]
     cells = module.empty_split(method, centre, torch.zeros(4, dtype=torch.bool), 100, generator)
     assert cells[0] == "0.000" and cells[2] == "no images"
+
+
+def test_localisation_breakdown_groups_and_box_areas_by_hand():
+    module = _benchmark("localisation_breakdown")
+    hits = torch.tensor([True, False, False, True])
+    centre_hits = torch.tensor([True, True, False, False])
+    empty = torch.tensor([False, False, True, True])
+    rows = module.group_rows(hits, centre_hits, {"not empty": ~empty, "empty": empty, "none": torch.zeros(4, dtype=torch.bool)})
+    assert rows == [("not empty", 2, 0.5, 0.0), ("empty", 2, 0.5, 1.0), ("none", 0, None, None)]
+    areas = module.box_area(torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 10.0, 15.0]]), (20, 10))
+    assert areas.tolist() == pytest.approx([0.5, 0.25])
 
 
 def test_inference_options_table_runs_and_rejects_bad_images():
