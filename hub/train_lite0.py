@@ -1,9 +1,10 @@
 """Train this project's explainer for EfficientNet-Lite0 (ImageNet-1k) on Tiny ImageNet, on a CPU.
 
-    # from the repository root; 56 min on one core of a 2-core Xeon (the shipped run), about half
-    # that estimated on two; the log is a file, and the same command resumes an interrupted run:
+    # from the repository root: the shipped explainer's command, 55 min on both cores of a 2-core
+    # Xeon with AMX (2026-12-02); the log is a file, and the same command resumes an interrupted run:
     nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
-        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --threads 1 --out blackbox_saliency/weights > lite0.log 2>&1 &
+        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --presence-targets class_and_prediction \
+        --freeze-embedding --steps 5000 --embedding-steps 3000 --threads 2 --out OUT > lite0.log 2>&1 &
     # interrupted? the same command again resumes from the last checkpoint (--checkpoints)
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
