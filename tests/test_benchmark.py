@@ -74,7 +74,7 @@ def test_training_throughput_benchmark_runs():
     assert "--cifar-widths 8/16/32" in out  # the command as it was typed
 
 
-def _benchmark(name):
+def _benchmark_module(name):
     """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
     import importlib.util
 
@@ -85,7 +85,7 @@ def _benchmark(name):
 
 
 def _saliency_interval():
-    return _benchmark("saliency_interval")
+    return _benchmark_module("saliency_interval")
 
 
 def test_saliency_interval_bootstrap_brackets_the_mean_and_narrows_with_more_images():
@@ -114,7 +114,7 @@ def test_saliency_interval_splits_empty_masks_from_the_others():
 
 
 def test_localisation_breakdown_groups_and_box_areas_by_hand():
-    module = _benchmark("localisation_breakdown")
+    module = _benchmark_module("localisation_breakdown")
     hits = torch.tensor([True, False, False, True])
     centre_hits = torch.tensor([True, True, False, False])
     empty = torch.tensor([False, False, True, True])
