@@ -327,7 +327,7 @@ def fit_explainer(
             (Tiny ImageNet's 200 of ImageNet's 1000): the embedding learns the labels' classes
             from the labels, and every other class the classifier names from its predictions,
             instead of learning that those classes are never present. Costs one classifier
-            forward per batch.
+            forward per batch. Applies to ``embedding_loss="all_classes"``.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
         num_workers: DataLoader worker processes decoding images (per process).
@@ -767,7 +767,9 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     # Under freeze_embedding nothing the presence loss reaches can change in this stage: skip it.
     presence = bool(settings.presence_weight) and not settings.freeze_embedding
     predicted = None
-    if settings.class_source == "correct" or (presence and _predictions_present(settings)):
+    # the "sampled" presence loss scores only the class given: it has no use for the prediction
+    with_predictions = presence and settings.embedding_loss == "all_classes" and _predictions_present(settings)
+    if settings.class_source == "correct" or with_predictions:
         with torch.no_grad():
             predicted = classifier(images).argmax(1)
     if settings.class_source == "correct":
@@ -800,7 +802,7 @@ def _batch_loss(classifier, model: nn.Module, objective: SaliencyObjective, imag
     loss = weight * objective.combine(terms).mean()  # the objective's weights, in one place
     if presence:
         if settings.embedding_loss == "all_classes":
-            embed = presence_loss(out.class_logits, labels, predicted if _predictions_present(settings) else None)
+            embed = presence_loss(out.class_logits, labels, predicted if with_predictions else None)
         else:
             embed = F.binary_cross_entropy_with_logits(out.presence_logit, real.float())
         loss = loss + weight * settings.presence_weight * embed
