@@ -59,6 +59,18 @@ def load_data(args, model, preprocess):
     return images, labels, boxes
 
 
+def check_explainer_args(parser, args, positive: tuple[str, ...]) -> None:
+    """For the scripts that score ``--explainer`` folders: set ``--threads``, require at least one
+    ``--explainer``, and the ``positive`` options at least 1 (a clear error naming each)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.explainer:
+        parser.error("--explainer: give at least one")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+
+
 def timed(fn, images, labels, batch_size):
     masks, start = [], time.perf_counter()
     for i in range(0, len(images), batch_size):

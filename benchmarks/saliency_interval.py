@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import load_data  # noqa: E402  (same images, same order)
+from evaluate import check_explainer_args, load_data  # noqa: E402  (same images, same order)
 
 from blackbox_saliency import Explainer, explain, load_classifier  # noqa: E402
 from blackbox_saliency.baselines import BASELINES  # noqa: E402
@@ -78,13 +78,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.explainer:
-        parser.error("--explainer: give at least one")
-    for name in ("limit", "batch_size", "resamples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    check_explainer_args(parser, args, ("limit", "batch_size", "resamples"))
 
     model, preprocess = load_classifier(args.classifier)
     images, labels, _ = load_data(args, model, preprocess)
