@@ -281,7 +281,7 @@ def _classifier_and_split(data, out: Path, device: str):
 
 
 def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
-                    max_steps: int | None, checkpoints: Path) -> None:
+                    max_steps: int | None, checkpoints: Path, precision: str = "auto") -> None:
     classifier, images, labels, train_rows, heldout_rows = _classifier_and_split(data, out, device)
     # uint8 in memory, normalised a batch at a time (no loader)
     train_set = DecodedImages(images[train_rows], labels[train_rows], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
@@ -295,7 +295,7 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
         classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
         batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
         mask_reduction=MASK_REDUCTION, checkpoint_dir=checkpoints / f"cifar10-{variant}", resume=True,
-        progress=False, log_every=100, **fit_kwargs,
+        progress=False, log_every=100, precision=precision, **fit_kwargs,
         classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
                          "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
                          "class_names": CIFAR10_CLASSES},
@@ -328,11 +328,32 @@ def score_explainers(data, out: Path, folders: list[Path], device: str, seed: in
     from blackbox_saliency import Explainer
 
     classifier, images, labels, _, heldout_rows = _classifier_and_split(data, out, device)
+    masks = []  # (folder, true-class masks), in the order given: the same folder may come twice
     for folder in folders:
         explainer = Explainer.from_pretrained(folder).to(device).eval()
         torch.manual_seed(seed)  # the absent classes drawn
         scores = evaluate_explainer(explainer, classifier, images[heldout_rows], labels[heldout_rows], explainer.device)
         print(f"{folder}: held-out ({len(heldout_rows)} images) {json.dumps(scores)}", flush=True)
+        with torch.no_grad():
+            masks.append((folder, torch.cat([explainer(normalise(images[heldout_rows][i : i + 500].to(explainer.device)),
+                                                 labels[heldout_rows][i : i + 500].to(explainer.device)).cpu()
+                                       for i in range(0, len(heldout_rows), 500)])))
+    for i, (a, masks_a) in enumerate(masks):
+        for b, masks_b in masks[i + 1 :]:
+            print(f"{a} vs {b}: {json.dumps(mask_agreement(masks_a, masks_b))}", flush=True)
+
+
+def mask_agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How alike two explainers' masks for the same images and classes are: the mean absolute
+    difference, and over the images where either mask has a pixel above 0.5, the mean IoU of
+    those pixels (0 where only one of the two has any)."""
+    on_a, on_b = (a > 0.5).flatten(1), (b > 0.5).flatten(1)
+    union = (on_a | on_b).sum(1)
+    either = union > 0
+    iou = (on_a & on_b).sum(1)[either].float() / union[either].float()
+    return {"mean_abs_difference": (a - b).abs().mean().item(),
+            "iou_above_half": iou.mean().item() if either.any() else float("nan"),
+            "images_either_non_empty": either.float().mean().item()}
 
 
 def main() -> None:
@@ -349,6 +370,8 @@ def main() -> None:
     parser.add_argument("--explainer", type=Path, action="append", default=[],
                         help="score: an explainer folder; repeat for several")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="explainer: fit_explainer's precision (auto: bf16 where the CPU has it natively)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="explainer checkpoints; default ~/.cache/blackbox-saliency/runs (outside the checkout)")
     args = parser.parse_args()
@@ -371,7 +394,7 @@ def main() -> None:
     else:
         checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs"
         train_explainer(data, args.out, args.variant, args.epochs or 20, args.batch_size, device, args.seed, args.max_steps,
-                        checkpoints)
+                        checkpoints, args.precision)
 
 
 if __name__ == "__main__":

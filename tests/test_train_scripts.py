@@ -1,6 +1,7 @@
 """The training scripts' data splits (hub/): pure functions, no training."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -125,6 +126,19 @@ def test_cifar10_heldout_scores_count_empty_masks_and_presence_hits():
     assert abs(scores["area_true"] - 0.6) < 1e-6
 
 
+def test_cifar10_mask_agreement_by_hand():
+    a = torch.zeros(3, 1, 2, 2)
+    b = torch.zeros(3, 1, 2, 2)
+    a[0, 0, 0] = 1.0  # image 0: a has 2 pixels on, b 1 of them: IoU 1/2
+    b[0, 0, 0, 0] = 1.0
+    a[1, 0, 1, 1] = 0.9  # image 1: only a has a pixel on: IoU 0
+    b[1, 0, 1, 1] = 0.4  # (below the threshold; differs by 0.5)
+    agreement = _script("train_cifar10").mask_agreement(a, b)  # image 2: both empty, left out
+    assert abs(agreement["iou_above_half"] - 0.25) < 1e-6
+    assert abs(agreement["images_either_non_empty"] - 2 / 3) < 1e-6
+    assert abs(agreement["mean_abs_difference"] - 1.5 / 12) < 1e-6
+
+
 def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     import shutil
     import subprocess
@@ -142,12 +156,17 @@ def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     common = ["--pack", str(pack), "--out", str(tmp_path), "--limit", "1000"]
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([*script, "explainer", *common, "--epochs", "1", "--max-steps", "2", "--batch-size", "16",
-                           "--checkpoints", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, env=env)
+                           "--precision", "fp32", "--checkpoints", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "explainer-cifar10" / "model.safetensors").exists()  # the shipped variant's folder
-    done = subprocess.run([*script, "score", *common, "--explainer", str(tmp_path / "explainer-cifar10")],
+    folder = tmp_path / "explainer-cifar10"  # the shipped variant's folder
+    assert (folder / "model.safetensors").exists()
+    assert json.loads((folder / "config.json").read_text())["training"]["precision"] == "fp32"
+    done = subprocess.run([*script, "score", *common, "--explainer", str(folder), "--explainer", str(folder)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "held-out (100 images)" in done.stdout and '"presence_top1"' in done.stdout
+    agreement = json.loads(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])  # the folder against itself
+    assert agreement["mean_abs_difference"] == 0.0
     done = subprocess.run([*script, "score", *common], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode != 0 and "--explainer: score needs at least one" in done.stderr
