@@ -35,6 +35,16 @@ VARIANTS = {
                                                                      "embedding_steps": "stage"},
     "paper's filter, all-class loss, embedding stage first": {"class_filter": "bottleneck", "embedding_loss": "all_classes",
                                                               "embedding_steps": "stage"},
+    # what the shipped CIFAR-10 and Lite0 recipes add: the embedding stage's work fixed after it,
+    # and a heavier preserve term; apart and together
+    "filter on every scale, all-class loss, embedding stage first, preserve weight 1": {
+        "class_filter": "all", "embedding_loss": "all_classes", "embedding_steps": "stage",
+        "objective": {"preserve_weight": 1.0}},
+    "filter on every scale, all-class loss, embedding stage first, fixed after it": {
+        "class_filter": "all", "embedding_loss": "all_classes", "embedding_steps": "stage", "freeze_embedding": True},
+    "filter on every scale, all-class loss, embedding stage first, fixed after it, preserve weight 1": {
+        "class_filter": "all", "embedding_loss": "all_classes", "embedding_steps": "stage", "freeze_embedding": True,
+        "objective": {"preserve_weight": 1.0}},
 }
 
 
