@@ -135,3 +135,14 @@ def test_inference_options_table_runs_and_rejects_bad_images():
     assert all(0 <= float(row.split("|")[2]) < 0.05 for row in rows)
     bad = subprocess.run(command[:2] + ["--images", "0"], capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "--images: must be at least 1" in bad.stderr
+
+
+def test_blur_precision_passes_are_the_librarys_blur():
+    # the benchmark times the library's own two passes (padding, kernel and all), only without its float32 guard
+    from blackbox_saliency.evidence import gaussian_blur
+
+    images = torch.randn(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    timed = _benchmark_module("blur_precision").blur_passes(images, 2.5)
+    assert torch.allclose(timed, gaussian_blur(images, 2.5), atol=1e-6)
+    out = _benchmark("blur_precision.py", "--images", "1", "--size", "16", "--threads", "1")
+    assert "| float32, default layout (what the library runs) |" in out and "| bf16, channels-last |" in out
