@@ -18,7 +18,8 @@ the default; ``--epochs 11 --seed 1`` made the shipped one: seed 1 of two, chose
 saliency metric), ``OUT/explainer-cifar10-<variant>`` for the others. Checkpoints are kept per
 variant, not per seed: give another seed its own ``--checkpoints`` folder.
 
-``score`` re-scores saved explainers on those 5,000 held-out images (against ``OUT``'s classifier):
+``score`` re-scores saved explainers on those 5,000 held-out images (against ``OUT``'s classifier)
+and compares each pair's masks; ``--precision fp32`` trains an explainer without bf16 (to check it):
 
     python hub/train_cifar10.py score --pack ../shared/data/cifar10-jpeg.tar.gz --out OUT --explainer FOLDER
 """
@@ -324,7 +325,8 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
 
 
 def score_explainers(data, out: Path, folders: list[Path], device: str, seed: int) -> None:
-    """Print each saved explainer's held-out scores (those ``explainer`` writes to heldout.json)."""
+    """Print each saved explainer's held-out scores (those ``explainer`` writes to heldout.json),
+    then, for every pair of them, how alike their true-class masks are (:func:`mask_agreement`)."""
     from blackbox_saliency import Explainer
 
     classifier, images, labels, _, heldout_rows = _classifier_and_split(data, out, device)
