@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    for name, value, least in (("--images", args.images, 1), ("--size", args.size, 2), ("--threads", args.threads, 1)):
+        if value < least:
+            parser.error(f"{name}: expected at least {least}, got {value}")
     torch.set_num_threads(args.threads)
     images = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     sigma = blur_sigma_for(args.size, args.size)
