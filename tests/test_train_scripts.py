@@ -170,3 +170,55 @@ def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     assert agreement["mean_abs_difference"] == 0.0
     done = subprocess.run([*script, "score", *common], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode != 0 and "--explainer: score needs at least one" in done.stderr
+
+
+def _tiny_pack(path, split: str, wnids: list[str], per_class: int):
+    """A Tiny ImageNet pack in the real one's layout, with flat-colour 64 px JPEGs."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    files = {}
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            buffer = io.BytesIO()
+            Image.new("RGB", (64, 64), (40 * c + 20, 10 * i, 200 - 40 * c)).save(buffer, format="JPEG")
+            name = f"{wnid}_{i}.JPEG"
+            if split == "train":
+                files[f"tiny-imagenet-200/train/{wnid}/images/{name}"] = buffer.getvalue()
+            else:
+                files[f"tiny-imagenet-200/val/images/{name}"] = buffer.getvalue()
+    if split == "val":
+        lines = "".join(f"{wnid}_{i}.JPEG\t{wnid}\t8\t8\t56\t56\n" for wnid in wnids for i in range(per_class))
+        files["tiny-imagenet-200/val/val_annotations.txt"] = lines.encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
+    import subprocess
+    import sys
+
+    wnids = ["n01443537", "n01629819"]  # goldfish, European fire salamander
+    train = _tiny_pack(tmp_path / "train.tar.gz", "train", wnids, 4)
+    val = _tiny_pack(tmp_path / "val.tar.gz", "val", wnids, 2)
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "hub" / "train_lite0.py"), "--packs", str(train),
+                           "--val-pack", str(val), "--cache", str(tmp_path / "cache"), "--size", "64",
+                           "--batch-size", "4", "--steps", "3", "--embedding-steps", "1", "--score-images", "4",
+                           "--fake-label-prob", "0.5", "--precision", "fp32", "--threads", "1",
+                           "--checkpoints", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = tmp_path / "out" / "explainer-efficientnet_lite0"
+    training = json.loads((folder / "config.json").read_text())["training"]
+    assert training["fake_label_prob"] == 0.5 and "--fake-label-prob 0.5" in training["command"]
+    assert training["precision"] == "fp32"
+    scores = json.loads((folder / "heldout.json").read_text())
+    assert [row["size"] for row in scores] == [64, 224] and all(row["images"] == 4 for row in scores)
+    assert all(0.0 <= row["mean_mask_absent_class"] <= 1.0 for row in scores)
