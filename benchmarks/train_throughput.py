@@ -8,12 +8,13 @@ memory as uint8 by ``DecodedImages`` and resized per batch, no loader):
 
 - EfficientNet-Lite0 explainer: the Lite0 black box (random weights if the ``lite0`` extra is
   missing; speed does not depend on them) with its own frozen feature pyramid as the encoder, on
-  Tiny ImageNet train pack a at 128 and 224 px; precision ``auto`` (on this CPU: bf16 autocast
-  and channels-last) against ``fp32`` in the default layout;
+  Tiny ImageNet train pack a at 128 and 224 px; on the CPU precision ``auto`` (channels-last,
+  each part under bf16 autocast where timing it found that faster; the row names the choice),
+  ``bf16`` (both parts, channels-last) and ``fp32`` in the default layout;
 - the embedding stage of the same run (no decoder, no classifier calls);
 - the CIFAR-10 variant: the small random-init encoder (3 blocks of 5 convs, widths 64/128/256,
   the default, and 32/64/128, the recipe of hub/train_cifar10.py) against a ResNet-9 (width 64),
-  mask at 1/2, on CIFAR-10 train images at 32 px, ``auto`` against ``fp32``; with
+  mask at 1/2, on CIFAR-10 train images at 32 px, the same three precisions; with
   ``--cifar-recipe`` also hub/train_cifar10.py's mask stage as it runs (encoder and class
   embedding fixed after the embedding stage, batch 64).
 
@@ -53,8 +54,10 @@ class _Rates(logging.Handler):
             self.rates.append(float(record.args[-1]))
 
 
-def measure(classifier, data, batch: int, warmup: int, steps: int, device: str, **kwargs) -> tuple[float, float | None]:
-    """Images per second after ``warmup`` steps (``steps`` more), and peak GPU memory (GiB)."""
+def measure(classifier, data, batch: int, warmup: int, steps: int, device: str,
+            **kwargs) -> tuple[float, float | None, str]:
+    """Images per second after ``warmup`` steps (``steps`` more), peak GPU memory (GiB), and
+    what ran under bf16 when ``precision="auto"`` timed the parts (else "")."""
     handler = _Rates()
     log = logging.getLogger("blackbox_saliency.training")
     log.addHandler(handler)
@@ -62,7 +65,7 @@ def measure(classifier, data, batch: int, warmup: int, steps: int, device: str, 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     try:
-        fit_explainer(classifier, data, epochs=10_000, max_steps=warmup + steps, batch_size=batch, device=device,
+        explainer = fit_explainer(classifier, data, epochs=10_000, max_steps=warmup + steps, batch_size=batch, device=device,
                       seed=0, progress=False, log_every=steps if warmup == 0 else warmup, **kwargs)
     finally:
         log.removeHandler(handler)
@@ -70,7 +73,9 @@ def measure(classifier, data, batch: int, warmup: int, steps: int, device: str, 
         raise ValueError("--steps must be a multiple of --warmup")
     measured = handler.rates[1:] if warmup else handler.rates
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return sum(measured) / len(measured), peak
+    parts = explainer.config.training.get("precision_parts")
+    chosen = " (" + ", ".join(f"{part.replace('_', ' ')} {value}" for part, value in parts.items()) + ")" if parts else ""
+    return sum(measured) / len(measured), peak, chosen
 
 
 def lite0(random_weights: bool) -> torch.nn.Module:
@@ -124,7 +129,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     gpu = args.device.startswith("cuda")
-    precisions = [("auto", {})] if gpu else [("auto", {}), ("fp32", {"precision": "fp32", "channels_last": False})]
+    precisions = [("auto", {})] if gpu else [("auto", {}), ("bf16", {"precision": "bf16"}),
+                                             ("fp32", {"precision": "fp32", "channels_last": False})]
     n = max(args.lite0_batch, args.cifar_batch, 64 if args.cifar_recipe else 0) * (args.warmup + args.steps + 1)
 
     rows = []
@@ -132,31 +138,32 @@ def main() -> None:
     for size in args.sizes if not args.cifar_only else []:
         data = tiny_images(n, size)
         for name, options in precisions:
-            rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
+            rate, peak, chosen = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
                                  encoder=classifier_features(classifier), embedding_steps=0, **options)
-            rows.append((f"EfficientNet-Lite0 explainer, {size} px, {name}", args.lite0_batch, rate, peak))
+            rows.append((f"EfficientNet-Lite0 explainer, {size} px, {name}{chosen}", args.lite0_batch, rate, peak))
         if size == args.sizes[0]:
             stage = args.warmup + args.steps
-            rate, peak = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
+            rate, peak, chosen = measure(classifier, data, args.lite0_batch, args.warmup, args.steps, args.device,
                                  encoder=classifier_features(classifier), embedding_steps=stage + 1)
-            rows.append((f"EfficientNet-Lite0 explainer, {size} px, embedding stage, auto", args.lite0_batch, rate, peak))
+            rows.append((f"EfficientNet-Lite0 explainer, {size} px, embedding stage, auto{chosen}", args.lite0_batch,
+                         rate, peak))
     data = cifar_images(n)
     for widths in args.cifar_widths:
         for name, options in precisions:
-            rate, peak = measure(CifarResNet().eval(), data, args.cifar_batch, args.warmup, args.steps, args.device,
+            rate, peak, chosen = measure(CifarResNet().eval(), data, args.cifar_batch, args.warmup, args.steps, args.device,
                                  encoder="small", encoder_kwargs={"widths": widths}, embedding_steps=0,
                                  mask_reduction=2, **options)
             label = "/".join(map(str, widths))
-            rows.append((f"CIFAR-10 variant, 32 px, small encoder {label}, ResNet-9 classifier, {name}",
+            rows.append((f"CIFAR-10 variant, 32 px, small encoder {label}, ResNet-9 classifier, {name}{chosen}",
                          args.cifar_batch, rate, peak))
     # hub/train_cifar10.py's mask stage as it runs: encoder 32/64/128 and class embedding fixed
     # after the embedding stage (freeze_embedding), so nothing flows back into the encoder; batch 64
     for name, options in precisions if args.cifar_recipe else []:
-        rate, peak = measure(CifarResNet().eval(), data, 64, args.warmup, args.steps, args.device, encoder="small",
+        rate, peak, chosen = measure(CifarResNet().eval(), data, 64, args.warmup, args.steps, args.device, encoder="small",
                              encoder_kwargs={"widths": [32, 64, 128]}, embedding_steps=0, freeze_embedding=True,
                              mask_reduction=2, objective={"preserve_weight": 1.0}, **options)
         rows.append((f"CIFAR-10 variant as hub/train_cifar10.py trains it (encoder 32/64/128 fixed after the "
-                     f"embedding stage), mask stage, {name}", 64, rate, peak))
+                     f"embedding stage), mask stage, {name}{chosen}", 64, rate, peak))
 
     device = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     def value(v) -> str:  # as typed on the command line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, s
 from .evidence import alternative_image
 from .encoders import DEFAULT_ENCODER
 from ._checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from ._precision import PartPrecision, measure_parts, with_precision
 from .explainer import Explainer
 from .masking_model import MaskOutput
 from .objective import SaliencyObjective
@@ -339,8 +341,14 @@ def fit_explainer(
             uint8 images in memory, resized per batch) is read a whole batch at a time instead,
             with no loader at all.
         precision: ``"bf16"`` runs the explainer and the classifier under bfloat16 autocast
-            (the losses stay float32); ``"auto"`` does so on CUDA and on CPUs with native bf16
-            (AMX or AVX-512 BF16), where it measured faster (docs/fit.md); ``"fp32"`` never.
+            (the losses stay float32); ``"fp32"`` never. ``"auto"``: bf16 on CUDA; on a CPU
+            with native bf16 (AMX or AVX-512 BF16) each part (the masking model, the
+            classifier, the embedding stage's pass) is timed on one batch in both precisions
+            before training and runs under bf16 only where that is clearly faster (on one CPU
+            it halved the rate of one network and doubled another's: docs/fit.md); the
+            choice is logged, kept in ``config.training["precision_parts"]`` and reused when
+            the run resumes. Give ``"bf16"`` or ``"fp32"`` for runs that must repeat bit for
+            bit across machines and loads. Elsewhere ``"auto"`` is float32.
         channels_last: train in the channels-last memory layout (explainer, classifier and
             images; the classifier gets its layout back after). Default: on the CPU, where it
             measured up to 4x faster for convolutions.
@@ -478,13 +486,15 @@ def fit_explainer(
                 bf16 = _use_bf16(precision, device)
                 layout = device.type == "cpu" if channels_last is None else channels_last
                 explainer.config.training.update(precision="bf16" if bf16 else "fp32", channels_last=layout)
+                # on a CPU bf16 pays for some networks and sizes and costs others: time it (_precision.py)
+                measure = precision == "auto" and bf16 and device.type == "cpu" and not group.shard.distributed
                 if layout:
                     explainer.to(memory_format=torch.channels_last)
                     if isinstance(classifier, nn.Module):
                         classifier.to(memory_format=torch.channels_last)
                 _train(classifier, dataset, explainer, objective, settings, group, checkpoint_path, resume,
-                       max_steps, checkpoint_every, num_workers, preload, progress and group.is_main, bf16, layout,
-                       log_every)
+                       max_steps, checkpoint_every, num_workers, preload, progress and group.is_main,
+                       PartPrecision(bf16, bf16, bf16), layout, log_every, measure)
         finally:
             if isinstance(classifier, nn.Module):
                 classifier.to(original_device, memory_format=torch.contiguous_format)
@@ -584,8 +594,8 @@ def _preload(dataset: Dataset, device: torch.device, num_workers: int,
 
 def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjective, settings: _Settings,
            group: ProcessGroup, checkpoint_path: Path | None, resume: bool, max_steps: int | None,
-           checkpoint_every: int | None, num_workers: int, preload: bool, progress: bool, bf16: bool,
-           channels_last: bool, log_every: int | None = None) -> None:
+           checkpoint_every: int | None, num_workers: int, preload: bool, progress: bool, parts: PartPrecision,
+           channels_last: bool, log_every: int | None = None, measure_precision: bool = False) -> None:
     device, shard = group.device, group.shard
     params = [p for p in explainer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
@@ -622,6 +632,16 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
     if resumed_state is not None and settings.embedding_steps is None and "embedding_steps" in resumed_state:
         stage = int(resumed_state["embedding_steps"])
     explainer.config.training["embedding_steps_run"] = stage
+    if measure_precision:
+        recorded = json.loads(resumed_state["config"]).get("training", {}) if resumed_state is not None else {}
+        if "precision_parts" in recorded:  # a resumed run keeps the precision it started with
+            parts = PartPrecision.from_dict(recorded["precision_parts"])
+        else:
+            parts = measure_parts(classifier, explainer.masking_model, shape, per_process, k, device, channels_last,
+                                  embedding_stage=stage > step)
+        explainer.config.training.update(precision=parts.label, precision_parts=parts.to_dict())
+    if parts.label == "mixed":  # the classifier's own precision, whatever the stage's autocast
+        classifier = with_precision(classifier, parts.classifier, device.type)
     dtype = next(iter(params)).dtype if params else torch.float32  # images follow the weights
     running: dict[str, float] = {}
     bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit_explainer", unit="step")
@@ -700,6 +720,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 labels = torch.as_tensor(labels).to(device, non_blocking=True).long()
                 if settings.freeze_embedding and step >= stage and not fixed:
                     fixed = _fix_embedding_stage(explainer)
+                bf16 = parts.embedding_stage if step < stage else parts.masking_model
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if step < stage:
                         loss, terms, n_real = _embedding_loss(classifier, model, images, labels, k, settings, shard)

@@ -66,10 +66,11 @@ def test_training_throughput_benchmark_runs():
     out = _benchmark("train_throughput.py", "--cifar-batch", "8", "--lite0-batch", "2", "--warmup", "1", "--steps", "1",
                      "--sizes", "64", "--random-weights", "--cifar-widths", "8/16/32", "--cifar-recipe")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "set-up" not in line and "---" not in line]
-    # Lite0 auto and fp32, the embedding stage, CIFAR auto and fp32, the CIFAR recipe auto and fp32:
-    # each rate timed directly
-    assert len(rows) == 7 and all(float(row.split("|")[3]) > 0 for row in rows)
-    assert "small encoder 8/16/32" in rows[4] and "as hub/train_cifar10.py trains it" in rows[-1]
+    # Lite0 auto, bf16 and fp32, the embedding stage, CIFAR auto, bf16 and fp32, the CIFAR recipe
+    # auto, bf16 and fp32: each rate timed directly
+    assert len(rows) == 10 and all(float(row.split("|")[3]) > 0 for row in rows)
+    assert "small encoder 8/16/32" in rows[6] and "as hub/train_cifar10.py trains it" in rows[-1]
+    assert [row.split("|")[1].strip().endswith(", bf16") for row in rows].count(True) == 3
     assert "Command: `python benchmarks/train_throughput.py --device cpu --lite0-batch 2 --cifar-batch 8" in out
     assert "--cifar-widths 8/16/32" in out  # the command as it was typed
 
@@ -146,3 +147,23 @@ def test_blur_precision_passes_are_the_librarys_blur():
     assert torch.allclose(timed, gaussian_blur(images, 2.5), atol=1e-6)
     out = _benchmark("blur_precision.py", "--images", "1", "--size", "16", "--threads", "1")
     assert "| float32, default layout (what the library runs) |" in out and "| bf16, channels-last |" in out
+
+
+def test_precision_parts_times_passes_that_reach_what_training_changes():
+    from blackbox_saliency.classifiers import CifarResNet
+
+    module = _benchmark_module("precision_parts")
+    torch.manual_seed(0)
+    explainer = Explainer(10, "small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1}, mask_reduction=2)
+    images, class_ids = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    module.explainer_part(explainer, images, class_ids, bf16=False)()
+    trained = [p for p in explainer.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained[-3:])  # the decoder's head is reached
+    classifier = CifarResNet(width=8).eval()
+    module.classifier_part(classifier, images, bf16=True)()  # runs under autocast and back to the input
+    out = _benchmark("precision_parts.py", "--setup", "cifar", "--batch", "2", "--repeats", "1", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| black box |") or line.startswith("| masking model |")]
+    assert len(rows) == 8 and "| masking model | bf16 | channels-last |" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_parts.py"), "--repeats", "0"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode != 0 and "--repeats: must be at least 1" in bad.stderr

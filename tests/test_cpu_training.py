@@ -182,3 +182,69 @@ def test_fp32_and_bf16_training_both_run_and_restore_the_classifier_layout():
         assert explainer.config.training["precision"] == precision
         assert classifier[0].weight.is_contiguous()
         assert next(explainer.parameters()).is_contiguous()
+
+
+def test_auto_precision_picks_bf16_per_part_only_where_it_is_clearly_faster(monkeypatch):
+    from blackbox_saliency import _precision
+
+    explainer = Explainer(4, **SMALL)
+    # the passes' seconds in the order they are timed: masking model fp32, bf16; classifier fp32,
+    # bf16; then, if the run has one, the embedding stage's fp32, bf16
+    for times, expected in (([1.0, 0.5, 1.0, 0.95], (True, False, True)),   # a near tie keeps float32
+                            ([0.5, 1.0, 1.0, 0.8], (False, True, False)),
+                            ([0.001, 0.01, 0.001, 0.0005], (True, True, True)),  # too quick to time: the default
+                            ([0.5, 1.0, 1.0, 1.0, 1.0, 0.5], (False, False, True))):
+        script = iter(times)
+        monkeypatch.setattr(_precision, "_seconds", lambda step, repeats: next(script))
+        parts = _precision.measure_parts(tiny_cnn(), explainer.masking_model, torch.Size([3, 16, 16]), 2, 4,
+                                         torch.device("cpu"), channels_last=False, default=True,
+                                         embedding_stage=len(times) == 6)
+        assert (parts.masking_model, parts.classifier, parts.embedding_stage) == expected
+        assert _precision.PartPrecision.from_dict(parts.to_dict()) == parts
+        assert next(script, None) is None  # every pass timed, none twice
+
+
+def test_timing_the_parts_leaves_no_trace():
+    from blackbox_saliency import _precision
+
+    torch.manual_seed(0)
+    explainer, classifier = Explainer(4, **SMALL).train(), tiny_cnn()
+    before = {k: v.clone() for k, v in explainer.state_dict().items()}
+    rng = torch.get_rng_state()
+    _precision.measure_parts(classifier, explainer.masking_model, torch.Size([3, 16, 16]), 4, 4,
+                             torch.device("cpu"), channels_last=True, repeats=1)
+    assert torch.equal(rng, torch.get_rng_state())  # training's random draws are not shifted
+    assert all(torch.equal(before[k], v) for k, v in explainer.state_dict().items())  # BatchNorm statistics too
+    assert all(p.grad is None for p in explainer.parameters())
+
+
+def test_a_classifier_under_its_own_precision_inside_autocast():
+    from blackbox_saliency._precision import with_precision
+
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert with_precision(layer, False, "cpu")(x).dtype == torch.float32
+    assert with_precision(layer, True, "cpu")(x).dtype == torch.bfloat16
+
+
+def test_an_auto_run_records_its_parts_and_a_resumed_run_keeps_them(tmp_path, monkeypatch):
+    from blackbox_saliency import training
+    from blackbox_saliency._precision import PartPrecision
+
+    monkeypatch.setattr(training, "_use_bf16", lambda precision, device: precision != "fp32")  # any CPU
+    monkeypatch.setattr(training, "measure_parts", lambda *args, **kwargs: PartPrecision(True, False, False))
+    common = dict(epochs=2, batch_size=8, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1, **SMALL)
+    first = fit_explainer(tiny_cnn(), _decoded(n=16), max_steps=2, **common)
+    assert first.config.training["precision"] == "mixed"
+    parts = {"masking_model": "bf16", "classifier": "fp32", "embedding_stage": "fp32"}
+    assert first.config.training["precision_parts"] == parts
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a resumed run timed the parts again")
+
+    monkeypatch.setattr(training, "measure_parts", not_again)
+    resumed = fit_explainer(tiny_cnn(), _decoded(n=16), resume=True, **common)
+    assert resumed.config.training["steps"] == 4
+    assert resumed.config.training["precision_parts"] == parts
+    explicit = fit_explainer(tiny_cnn(), _decoded(n=16), epochs=1, batch_size=8, progress=False, precision="bf16", **SMALL)
+    assert "precision_parts" not in explicit.config.training  # asked for: nothing timed

@@ -14,8 +14,9 @@ from conftest import SMALL, ConstantLogits, tiny_cnn
 
 
 def _fit(classifier=None, data=None, **kwargs):
-    # CPU unless a test asks: seeds give bit-identical runs only there
-    kwargs = {**SMALL, "epochs": 1, "batch_size": 8, "progress": False, "device": "cpu", **kwargs}
+    # CPU unless a test asks: seeds give bit-identical runs only there; and a fixed precision,
+    # since "auto" times the parts and a loaded machine may choose differently between two runs
+    kwargs = {**SMALL, "epochs": 1, "batch_size": 8, "progress": False, "device": "cpu", "precision": "fp32", **kwargs}
     data = PlantedPatterns(32, patch=12) if data is None else data
     return fit_explainer(classifier if classifier is not None else PatternClassifier(patch=12), data, **kwargs)
 
