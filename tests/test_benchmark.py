@@ -167,3 +167,25 @@ def test_precision_parts_times_passes_that_reach_what_training_changes():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_parts.py"), "--repeats", "0"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert bad.returncode != 0 and "--repeats: must be at least 1" in bad.stderr
+
+
+def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports evaluate.py as a script does
+    module = _benchmark_module("presence_calibration")
+    torch.manual_seed(0)
+    explainer = Explainer(5, "small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1}).eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0])
+    absent = (labels + 1) % 5
+    row = module.presence_rows(explainer, images, labels, absent, batch_size=4)
+    with torch.no_grad():
+        scores = explainer.masking_model.presence(images)
+        masks = explainer.masking_model(images, absent).mask.mean((1, 2, 3))
+    present = scores.gather(1, absent[:, None]).squeeze(1) > 0
+    assert row["classes scored present"] == (scores > 0).float().mean().item()
+    assert row["absent class scored present"] == present.float().mean().item()
+    assert abs(row["absent mask, all"] - masks.mean().item()) < 1e-6
+    share = present.float().mean().item()  # the two halves make up the whole
+    parts = [row["absent mask, scored present"] * share if share else 0.0,
+             row["absent mask, not"] * (1 - share) if share < 1 else 0.0]
+    assert abs(sum(parts) - row["absent mask, all"]) < 1e-5
+    assert 0.0 <= row["true class in top 5"] <= 1.0 and row["true class first"] <= row["true class in top 5"]

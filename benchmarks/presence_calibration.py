@@ -1,0 +1,86 @@
+"""Why an absent class gets a mask: the class filter's presence scores on each kind of image.
+
+    python benchmarks/presence_calibration.py --explainer blackbox_saliency/weights/explainer-efficientnet_lite0 \
+        --imagenet-pack ../shared/data/imagenet-samples.tar.gz --tiny-pack ../shared/data/tiny-imagenet-200-val.tar.gz
+
+The masking model filters its features by ``sigmoid(X_ij^T C_c)`` and scores class ``c`` present
+when ``max_ij X_ij^T C_c > 0``. For each data set (at 224 px, Lite0's own size) and explainer this
+prints: the share of all 1000 classes scored present per image; how the true class ranks among
+them; how often a random absent class (the same draw as ``benchmarks/evaluate.py``) is scored
+present; and the absent class's mean mask where it is scored present and where it is not. A
+filter calibrated on one kind of image and not another shows up as a jump in the first column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from argparse import Namespace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from blackbox_saliency import Explainer, load_classifier
+
+from evaluate import check_explainer_args, load_data
+
+
+def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tensor, absent: torch.Tensor,
+                  batch_size: int) -> dict[str, float]:
+    """The presence statistics of one explainer on one set of images (see the module's text)."""
+    model = explainer.masking_model
+    scores, masks = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            scores.append(model.presence(images[i : i + batch_size]).float())
+            masks.append(model(images[i : i + batch_size], absent[i : i + batch_size]).mask.mean((1, 2, 3)))
+    scores, absent_mask = torch.cat(scores), torch.cat(masks)
+    true_score = scores.gather(1, labels[:, None])
+    true_rank = (scores > true_score).sum(1)
+    absent_present = scores.gather(1, absent[:, None]).squeeze(1) > 0
+    share = lambda rows: absent_mask[rows].mean().item() if rows.any() else float("nan")  # noqa: E731
+    return {
+        "classes scored present": (scores > 0).float().mean().item(),
+        "true class first": (true_rank == 0).float().mean().item(),
+        "true class in top 5": (true_rank < 5).float().mean().item(),
+        "absent class scored present": absent_present.float().mean().item(),
+        "absent mask, scored present": share(absent_present),
+        "absent mask, not": share(~absent_present),
+        "absent mask, all": absent_mask.mean().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--explainer", action="append", default=[], help="folder or Hub id; repeat to compare")
+    parser.add_argument("--imagenet-pack", type=Path, required=True)
+    parser.add_argument("--tiny-pack", type=Path, required=True, help="the Tiny ImageNet val pack")
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=500, help="images of each data set")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    check_explainer_args(parser, args, ("limit", "batch_size"))
+    classifier, preprocess = load_classifier("efficientnet_lite0")
+    explainers = {name: Explainer.from_pretrained(name).eval() for name in args.explainer}
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+          f"date: {date.today()}.\n")
+    header = None
+    for data, pack in (("imagenet-samples", args.imagenet_pack), ("tiny-val", args.tiny_pack)):
+        images, labels, _ = load_data(Namespace(data=data, pack=pack, cache=args.cache, limit=args.limit,
+                                                seed=args.seed), classifier, preprocess)
+        g = torch.Generator().manual_seed(args.seed + 1)  # the absent classes evaluate.py draws
+        absent = (labels + torch.randint(1, 1000, labels.shape, generator=g)) % 1000
+        for name, explainer in explainers.items():
+            row = presence_rows(explainer, images, labels, absent, args.batch_size)
+            if header is None:
+                header = list(row)
+                print("| data | images | explainer | " + " | ".join(header) + " |")
+                print("| --- | --- | --- | " + " | ".join("---" for _ in header) + " |")
+            print(f"| {data} | {len(images)} | `{name}` | " + " | ".join(f"{row[k]:.3f}" for k in header) + " |")
+
+
+if __name__ == "__main__":
+    main()
