@@ -127,6 +127,8 @@ def main() -> None:
                         help="fine-tune this explainer (folder or Hub id), e.g. the 128 px one at --size 224 "
                         "with --embedding-steps 0")
     args = parser.parse_args()
+    if not 0.0 <= args.fake_label_prob < 1.0:  # before the packs are decoded, not a minute after
+        parser.error(f"--fake-label-prob: must be in [0, 1), got {args.fake_label_prob}")
     if args.embedding_class_source not in (None, args.class_source) and not 0 < args.embedding_steps < args.steps:
         parser.error(f"--embedding-steps: with --embedding-class-source the embedding stage ({args.embedding_steps} "
                      f"steps) must be longer than 0 and shorter than --steps ({args.steps})")

@@ -1,10 +1,31 @@
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def jpeg_bytes(colour=(200, 10, 10), size=(64, 64)) -> bytes:
+    """A flat-colour JPEG file's bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_pack(path, files: dict[str, bytes]):
+    """A .tar.gz data pack holding ``files`` (name: bytes), as the shared packs are."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -1,35 +1,17 @@
-import io
-import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
-from PIL import Image
 
 from blackbox_saliency.datasets import ImageNetSamples, TinyImageNet, cifar10, extract_pack, scale_boxes
 
-from conftest import SHARED_DATA
-
-
-def _jpeg(colour=(200, 10, 10), size=(64, 64)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def _pack(path, files: dict[str, bytes]):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+from conftest import SHARED_DATA, jpeg_bytes, write_pack
 
 
 def test_tiny_imagenet_val_reader_with_boxes(tmp_path):
-    pack = _pack(tmp_path / "tiny-val.tar.gz", {
-        "tiny-imagenet-200/val/images/val_0.JPEG": _jpeg(),
-        "tiny-imagenet-200/val/images/val_1.JPEG": _jpeg(),
+    pack = write_pack(tmp_path / "tiny-val.tar.gz", {
+        "tiny-imagenet-200/val/images/val_0.JPEG": jpeg_bytes(),
+        "tiny-imagenet-200/val/images/val_1.JPEG": jpeg_bytes(),
         "tiny-imagenet-200/val/val_annotations.txt": b"val_0.JPEG\tn01443537\t0\t10\t62\t50\nval_1.JPEG\tn01629819\t5\t5\t20\t20\n",
     })
     data = TinyImageNet(pack, split="val", cache_dir=tmp_path / "cache")
@@ -41,7 +23,7 @@ def test_tiny_imagenet_val_reader_with_boxes(tmp_path):
 
 
 def test_extract_pack_refuses_unsafe_paths(tmp_path):
-    pack = _pack(tmp_path / "evil.tar.gz", {"../escape.txt": b"x"})
+    pack = write_pack(tmp_path / "evil.tar.gz", {"../escape.txt": b"x"})
     with pytest.raises(ValueError, match="unsafe path"):
         extract_pack(pack, tmp_path / "cache")
     assert not (tmp_path / "escape.txt").exists()
@@ -49,7 +31,7 @@ def test_extract_pack_refuses_unsafe_paths(tmp_path):
 
 def test_extract_pack_is_safe_to_call_from_several_processes_at_once(tmp_path):
     files = {f"pack/file_{i}.bin": bytes([i]) * 20_000 for i in range(50)}
-    pack = _pack(tmp_path / "pack.tar.gz", files)
+    pack = write_pack(tmp_path / "pack.tar.gz", files)
     cache = tmp_path / "cache"
     (cache / "pack").mkdir(parents=True)
     (cache / "pack" / "half-written").write_text("an interrupted extraction left this")

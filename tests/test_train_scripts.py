@@ -174,30 +174,18 @@ def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
 
 def _tiny_pack(path, split: str, wnids: list[str], per_class: int):
     """A Tiny ImageNet pack in the real one's layout, with flat-colour 64 px JPEGs."""
-    import io
-    import tarfile
-
-    from PIL import Image
+    from conftest import jpeg_bytes, write_pack
 
     files = {}
     for c, wnid in enumerate(wnids):
         for i in range(per_class):
-            buffer = io.BytesIO()
-            Image.new("RGB", (64, 64), (40 * c + 20, 10 * i, 200 - 40 * c)).save(buffer, format="JPEG")
-            name = f"{wnid}_{i}.JPEG"
-            if split == "train":
-                files[f"tiny-imagenet-200/train/{wnid}/images/{name}"] = buffer.getvalue()
-            else:
-                files[f"tiny-imagenet-200/val/images/{name}"] = buffer.getvalue()
+            image = jpeg_bytes((40 * c + 20, 10 * i, 200 - 40 * c))
+            folder = f"train/{wnid}/images" if split == "train" else "val/images"
+            files[f"tiny-imagenet-200/{folder}/{wnid}_{i}.JPEG"] = image
     if split == "val":
         lines = "".join(f"{wnid}_{i}.JPEG\t{wnid}\t8\t8\t56\t56\n" for wnid in wnids for i in range(per_class))
         files["tiny-imagenet-200/val/val_annotations.txt"] = lines.encode()
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return write_pack(path, files)
 
 
 def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
@@ -222,3 +210,7 @@ def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
     scores = json.loads((folder / "heldout.json").read_text())
     assert [row["size"] for row in scores] == [64, 224] and all(row["images"] == 4 for row in scores)
     assert all(0.0 <= row["mean_mask_absent_class"] <= 1.0 for row in scores)
+    bad = subprocess.run([sys.executable, str(ROOT / "hub" / "train_lite0.py"), "--packs", str(train),
+                          "--val-pack", str(val), "--fake-label-prob", "1.5"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0 and "--fake-label-prob: must be in [0, 1)" in bad.stderr
