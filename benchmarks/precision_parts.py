@@ -6,7 +6,9 @@
 ``fit_explainer`` runs a step's two heavy parts under one precision: the masking model
 (forward, and backward into its trainable weights) and the black box (forward on the masked
 images, backward to those images). Whether bf16 autocast pays differs by part, network and
-resolution on a CPU, so this times each part alone, per image, in the four combinations:
+resolution on a CPU, so this times each part alone, per image, in the four combinations (the
+passes ``precision="auto"`` times, from ``blackbox_saliency._precision``, plus the embedding
+stage's pass: encoder and class filter only):
 
 - ``lite0``: the EfficientNet-Lite0 black box (random weights if the ``lite0`` extra is missing;
   speed does not depend on them) and the Lite0 explainer (the same network's frozen feature
@@ -27,6 +29,7 @@ from datetime import date
 import torch
 
 from blackbox_saliency import Explainer
+from blackbox_saliency._precision import classifier_pass, embedding_pass, masking_pass
 from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.classifiers import CifarResNet
 from blackbox_saliency.encoders import classifier_features
@@ -41,26 +44,6 @@ def _time(step, repeats: int) -> float:
     for _ in range(repeats):
         step()
     return (time.perf_counter() - start) / repeats
-
-
-def classifier_part(classifier: torch.nn.Module, images: torch.Tensor, bf16: bool):
-    """The black box's forward and backward to its input, as the preserve and destroy terms need."""
-    def step():
-        x = images.detach().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = classifier(x)
-        logits.float().log_softmax(1)[:, 0].sum().backward()
-    return step
-
-
-def explainer_part(explainer: Explainer, images: torch.Tensor, class_ids: torch.Tensor, bf16: bool):
-    """The masking model's forward and backward into its trainable weights."""
-    def step():
-        explainer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = explainer.masking_model(images, class_ids)
-        out.mask.float().mean().backward()
-    return step
 
 
 def main() -> None:
@@ -107,8 +90,9 @@ def main() -> None:
         explainer.to(memory_format=layout)
         x = images.contiguous(memory_format=layout)
         bf16 = precision == "bf16"
-        for part, step in (("black box", classifier_part(classifier, x, bf16)),
-                           ("masking model", explainer_part(explainer, x, class_ids, bf16))):
+        for part, step in (("black box", classifier_pass(classifier, x, bf16)),
+                           ("masking model", masking_pass(explainer.masking_model, x, class_ids, bf16)),
+                           ("embedding stage", embedding_pass(explainer.masking_model, x, bf16))):
             rows.append((part, precision, "channels-last" if channels_last else "default", batch / _time(step, args.repeats)))
 
     setup = f"EfficientNet-Lite0, {size} px" if args.setup == "lite0" else "CIFAR-10 ResNet-9 and small encoder, 32 px"
@@ -116,7 +100,7 @@ def main() -> None:
           f"torch {torch.__version__}; {args.repeats} timed passes after 2 warm-up; date: {date.today()}\n")
     print("| part | precision | layout | images/s (forward + backward) |")
     print("| --- | --- | --- | --- |")
-    for part, precision, layout, rate in sorted(rows, key=lambda r: r[0]):
+    for part, precision, layout, rate in sorted(rows, key=lambda r: r[0]):  # parts grouped
         print(f"| {part} | {precision} | {layout} | {rate:.1f} |")
 
 

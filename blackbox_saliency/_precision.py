@@ -75,6 +75,38 @@ def _seconds(step: Callable[[], None], repeats: int) -> float:
     return best
 
 
+def masking_pass(masking_model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor,
+                 bf16: bool) -> Callable[[], None]:
+    """The masking model's forward and backward into its trainable weights, as one step."""
+    def step() -> None:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = masking_model(images, class_ids)
+        if out.mask.requires_grad:
+            out.mask.float().mean().backward()
+    return step
+
+
+def embedding_pass(masking_model: nn.Module, images: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    """The embedding stage's pass: the encoder and class filter scoring every class, and back."""
+    def step() -> None:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            scores = masking_model.presence(images)
+        if scores.requires_grad:
+            scores.float().mean().backward()
+    return step
+
+
+def classifier_pass(classifier: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                    bf16: bool) -> Callable[[], None]:
+    """The classifier's forward and backward to its input, as the preserve and destroy terms need."""
+    def step() -> None:
+        x = images.detach().requires_grad_(True)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = classifier(x)
+        logits.float().logsumexp(1).sum().backward()
+    return step
+
+
 def measure_parts(classifier: Callable[[torch.Tensor], torch.Tensor], masking_model: nn.Module,
                   image_shape: torch.Size, batch: int, num_classes: int, device: torch.device,
                   channels_last: bool, default: bool = True, embedding_stage: bool = True,
@@ -92,32 +124,13 @@ def measure_parts(classifier: Callable[[torch.Tensor], torch.Tensor], masking_mo
     class_ids = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     buffers = {name: b.clone() for name, b in masking_model.named_buffers()}
 
-    def masking_pass(bf16: bool) -> Callable[[], None]:
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = masking_model(images, class_ids)
-            out.mask.float().mean().backward()
-        return step
-
-    def embedding_pass(bf16: bool) -> Callable[[], None]:
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                scores = masking_model.presence(images)
-            scores.float().mean().backward()
-        return step
-
-    def classifier_pass(bf16: bool) -> Callable[[], None]:
-        def step() -> None:
-            x = images.detach().requires_grad_(True)  # the preserve and destroy terms reach the input
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = classifier(x)
-            logits.float().logsumexp(1).sum().backward()
-        return step
-
     try:
         chosen, rates = {}, {}
-        passes = [("masking model", masking_pass), ("classifier", classifier_pass)]
-        for part, make in passes + ([("embedding stage", embedding_pass)] if embedding_stage else []):
+        passes = {"masking model": lambda bf16: masking_pass(masking_model, images, class_ids, bf16),
+                  "classifier": lambda bf16: classifier_pass(classifier, images, bf16)}
+        if embedding_stage:
+            passes["embedding stage"] = lambda bf16: embedding_pass(masking_model, images, bf16)
+        for part, make in passes.items():
             fp32, bf16 = _seconds(make(False), repeats), _seconds(make(True), repeats)
             chosen[part] = default if max(fp32, bf16) < MIN_SECONDS else fp32 / bf16 >= BF16_MARGIN
             rates[part] = (batch / fp32, batch / bf16)

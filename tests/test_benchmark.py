@@ -152,18 +152,23 @@ def test_blur_precision_passes_are_the_librarys_blur():
 def test_precision_parts_times_passes_that_reach_what_training_changes():
     from blackbox_saliency.classifiers import CifarResNet
 
-    module = _benchmark_module("precision_parts")
+    from blackbox_saliency._precision import classifier_pass, embedding_pass, masking_pass
+
     torch.manual_seed(0)
     explainer = Explainer(10, "small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1}, mask_reduction=2)
     images, class_ids = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-    module.explainer_part(explainer, images, class_ids, bf16=False)()
+    masking_pass(explainer.masking_model, images, class_ids, bf16=False)()
     trained = [p for p in explainer.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained[-3:])  # the decoder's head is reached
+    explainer.zero_grad(set_to_none=True)
+    embedding_pass(explainer.masking_model, images, bf16=True)()
+    assert explainer.masking_model.feature_filter.embedding.weight.grad is not None  # what the stage trains
     classifier = CifarResNet(width=8).eval()
-    module.classifier_part(classifier, images, bf16=True)()  # runs under autocast and back to the input
+    classifier_pass(classifier, images, bf16=True)()  # runs under autocast and back to the input
     out = _benchmark("precision_parts.py", "--setup", "cifar", "--batch", "2", "--repeats", "1", "--threads", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| black box |") or line.startswith("| masking model |")]
-    assert len(rows) == 8 and "| masking model | bf16 | channels-last |" in out
+    parts = ("| black box |", "| masking model |", "| embedding stage |")
+    rows = [line for line in out.splitlines() if line.startswith(parts)]
+    assert len(rows) == 12 and "| masking model | bf16 | channels-last |" in out
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_parts.py"), "--repeats", "0"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert bad.returncode != 0 and "--repeats: must be at least 1" in bad.stderr
