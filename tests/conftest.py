@@ -28,6 +28,20 @@ def write_pack(path, files: dict[str, bytes]):
     return path
 
 
+def tiny_imagenet_pack(path, split: str, wnids: list[str], per_class: int):
+    """A Tiny ImageNet pack in the real one's layout, with flat-colour 64 px JPEGs."""
+    files = {}
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            image = jpeg_bytes((40 * c + 20, 10 * i, 200 - 40 * c))
+            folder = f"train/{wnid}/images" if split == "train" else "val/images"
+            files[f"tiny-imagenet-200/{folder}/{wnid}_{i}.JPEG"] = image
+    if split == "val":
+        lines = "".join(f"{wnid}_{i}.JPEG\t{wnid}\t8\t8\t56\t56\n" for wnid in wnids for i in range(per_class))
+        files["tiny-imagenet-200/val/val_annotations.txt"] = lines.encode()
+    return write_pack(path, files)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -194,3 +194,19 @@ def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict
              row["absent mask, not"] * (1 - share) if share < 1 else 0.0]
     assert abs(sum(parts) - row["absent mask, all"]) < 1e-5
     assert 0.0 <= row["true class in top 5"] <= 1.0 and row["true class first"] <= row["true class in top 5"]
+
+
+def test_loader_throughput_times_both_data_paths_on_a_made_up_pack(tmp_path):
+    from conftest import tiny_imagenet_pack
+
+    pack = tiny_imagenet_pack(tmp_path / "train.tar.gz", "train", ["n01443537", "n01629819"], 6)
+    out = _benchmark("loader_throughput.py", "--pack", str(pack), "--cache", str(tmp_path / "cache"), "--size", "32",
+                     "--batch", "4", "--batches", "2", "--workers", "0", "--decode-images", "8", "--threads", "1")
+    rates = [float(line.rsplit("|", 2)[1]) for line in out.splitlines()
+             if line.startswith(("| per item", "| DecodedImages"))]
+    assert len(rates) == 3 and all(rate > 0 for rate in rates)
+    assert "(8 images)" in out  # decoded what it was asked to, timed
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_throughput.py"), "--pack", str(pack),
+                          "--batches", "0"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode != 0 and "--batches: must be at least 1" in bad.stderr

@@ -172,29 +172,15 @@ def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     assert done.returncode != 0 and "--explainer: score needs at least one" in done.stderr
 
 
-def _tiny_pack(path, split: str, wnids: list[str], per_class: int):
-    """A Tiny ImageNet pack in the real one's layout, with flat-colour 64 px JPEGs."""
-    from conftest import jpeg_bytes, write_pack
-
-    files = {}
-    for c, wnid in enumerate(wnids):
-        for i in range(per_class):
-            image = jpeg_bytes((40 * c + 20, 10 * i, 200 - 40 * c))
-            folder = f"train/{wnid}/images" if split == "train" else "val/images"
-            files[f"tiny-imagenet-200/{folder}/{wnid}_{i}.JPEG"] = image
-    if split == "val":
-        lines = "".join(f"{wnid}_{i}.JPEG\t{wnid}\t8\t8\t56\t56\n" for wnid in wnids for i in range(per_class))
-        files["tiny-imagenet-200/val/val_annotations.txt"] = lines.encode()
-    return write_pack(path, files)
-
-
 def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
     import subprocess
     import sys
 
+    from conftest import tiny_imagenet_pack
+
     wnids = ["n01443537", "n01629819"]  # goldfish, European fire salamander
-    train = _tiny_pack(tmp_path / "train.tar.gz", "train", wnids, 4)
-    val = _tiny_pack(tmp_path / "val.tar.gz", "val", wnids, 2)
+    train = tiny_imagenet_pack(tmp_path / "train.tar.gz", "train", wnids, 4)
+    val = tiny_imagenet_pack(tmp_path / "val.tar.gz", "val", wnids, 2)
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, str(ROOT / "hub" / "train_lite0.py"), "--packs", str(train),
                            "--val-pack", str(val), "--cache", str(tmp_path / "cache"), "--size", "64",
