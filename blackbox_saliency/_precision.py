@@ -59,8 +59,10 @@ def with_precision(classifier: Callable[[torch.Tensor], torch.Tensor], bf16: boo
     """The classifier under its own precision, whatever autocast the caller runs in."""
 
     def run(images: torch.Tensor) -> torch.Tensor:
+        if not bf16 and images.dtype in (torch.bfloat16, torch.float16):  # never down: float64 stays float64
+            images = images.float()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            return classifier(images if bf16 else images.float())
+            return classifier(images)
 
     return run
 

@@ -636,6 +636,8 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
         recorded = json.loads(resumed_state["config"]).get("training", {}) if resumed_state is not None else {}
         if "precision_parts" in recorded:  # a resumed run keeps the precision it started with
             parts = PartPrecision.from_dict(recorded["precision_parts"])
+        elif recorded.get("precision") in ("bf16", "fp32"):  # started untimed (several processes, older code)
+            parts = PartPrecision(*[recorded["precision"] == "bf16"] * 3)
         else:
             parts = measure_parts(classifier, explainer.masking_model, shape, per_process, k, device, channels_last,
                                   embedding_stage=stage > step)

@@ -224,7 +224,10 @@ def test_a_classifier_under_its_own_precision_inside_autocast():
     layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert with_precision(layer, False, "cpu")(x).dtype == torch.float32
+        assert with_precision(layer, False, "cpu")(x.bfloat16()).dtype == torch.float32
     assert with_precision(layer, True, "cpu")(x).dtype == torch.bfloat16
+    double = torch.nn.Linear(4, 3).double()
+    assert with_precision(double, False, "cpu")(x.double()).dtype == torch.float64  # never cast down
 
 
 def test_an_auto_run_records_its_parts_and_a_resumed_run_keeps_them(tmp_path, monkeypatch):
