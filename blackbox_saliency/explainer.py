@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -107,9 +108,10 @@ class ClassifierInfo:
 
 
 #: What a config written before a field existed means: explainers saved before ``class_filter``
-#: filtered the bottleneck only, and before ``class_embedding`` learned one vector per class.
+#: filtered the bottleneck only, before ``class_embedding`` learned one vector per class, and
+#: before ``presence_reference`` left class scores uncentred.
 OLD_CONFIG_DEFAULTS: dict[str, Any] = {"class_filter": "bottleneck", "class_embedding": "learned",
-                                       "class_embedding_features": None}
+                                       "class_embedding_features": None, "presence_reference": None}
 
 
 def _schema(*types: type) -> Any:
@@ -147,6 +149,7 @@ class ExplainerConfig:
     class_filter: str = _schema(str)
     class_embedding: str = _schema(str)
     class_embedding_features: int | None = _schema(int, type(None))
+    presence_reference: float | None = _schema(int, float, type(None))
     objective: dict[str, Any] = _schema(dict)
     classifier: ClassifierInfo = field(default_factory=ClassifierInfo)
     training: dict[str, Any] | None = None
@@ -228,6 +231,8 @@ class ExplainerConfig:
         if (self.class_embedding == "classifier_head") != (features is not None) or (features is not None and features < 1):
             raise ValueError(f"config: class_embedding_features must be the head's width (an int >= 1) with "
                              f"class_embedding 'classifier_head' and null otherwise, got {features!r}")
+        if self.presence_reference is not None and not math.isfinite(self.presence_reference):
+            raise ValueError(f"config: presence_reference must be a finite number or null, got {self.presence_reference!r}")
         if not isinstance(self.classifier, ClassifierInfo):
             raise ValueError(f"config: classifier must be a ClassifierInfo, got {self.classifier!r}")
         self.classifier.validate("config: classifier")
@@ -279,6 +284,9 @@ class Explainer(
             derived from the classifier. Needs ``class_embedding_features``, the head's input
             width; ``fit_explainer`` fills the head rows from the classifier (see
             :class:`~blackbox_saliency.masking_model.FeatureFilter`).
+        presence_reference: None (default, the paper's filter) or a float: centre each image's
+            class scores on it, so the filter calls as many classes present on a kind of image
+            it was not trained on (see :meth:`centre_presence`, which measures it).
 
     Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
     would otherwise leave them out of the saved config without a word.
@@ -305,6 +313,7 @@ class Explainer(
         class_filter: str = "all",
         class_embedding: str = "learned",
         class_embedding_features: int | None = None,
+        presence_reference: float | None = None,
     ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
@@ -330,13 +339,14 @@ class Explainer(
             freeze_encoder = bool(pretrained_encoder) or isinstance(encoder, nn.Module)
         self.masking_model = MaskingModel(
             module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter,
-            class_embedding, class_embedding_features,
+            class_embedding, class_embedding_features, presence_reference,
         )
         self.config = ExplainerConfig(
             num_classes=num_classes, encoder=encoder_name, encoder_kwargs=encoder_kwargs, in_chans=in_chans,
             mask_reduction=mask_reduction, width_multiplier=width_multiplier, num_bottlenecks=num_bottlenecks,
             freeze_encoder=freeze_encoder, class_filter=class_filter, class_embedding=class_embedding,
-            class_embedding_features=class_embedding_features, objective=objective, classifier=info,
+            class_embedding_features=class_embedding_features, presence_reference=presence_reference,
+            objective=objective, classifier=info,
         )
 
     # The mixin keeps the config it saves in ``_hub_mixin_config``, built from the constructor's
@@ -364,6 +374,40 @@ class Explainer(
     def masks_with_details(self, images: torch.Tensor, class_ids: torch.Tensor) -> MaskOutput:
         """The masking model's full output on already-checked inputs (used in training)."""
         return self.masking_model(images, class_ids)
+
+    @torch.no_grad()
+    def centre_presence(self, images: torch.Tensor, batch_size: int = 50) -> float:
+        """Centre the class filter's scores on ``images`` (training images, as the classifier
+        takes them), in place, and return the reference: the mean over ``images`` of each
+        image's mean class score ``max_ij X_ij^T C_k``. From then on every image's scores are
+        shifted by its own mean less this reference, so on images like these nothing moves
+        much, and on another kind (sharp photographs after blurry training images) the filter
+        does not call most classes present (measured in docs/objective.md). Recorded in
+        ``config.presence_reference``, so it is saved and loaded with the explainer.
+
+        Example:
+            >>> explainer = Explainer(num_classes=10, encoder="small", encoder_kwargs={"widths": [8, 16, 32]})
+            >>> reference = explainer.centre_presence(torch.randn(4, 3, 32, 32))
+            >>> explainer.config.presence_reference == reference
+            True
+        """
+        images = check_images(images, channels=self.config.in_chans, min_size=self.config.mask_reduction)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        model, was_training = self.masking_model, self.training
+        self.eval()
+        param = next(self.parameters())
+        try:
+            means = [model.feature_filter.raw_class_logits(model._features(chunk.to(param.device, param.dtype))[-1])
+                     .float().mean(1) for chunk in images.split(batch_size)]
+        finally:
+            self.train(was_training)
+        reference = torch.cat(means).mean().item()
+        if not math.isfinite(reference):
+            raise ValueError(f"images: the class scores on them are not finite ({reference})")
+        model.feature_filter.presence_reference = reference
+        self.config.presence_reference = reference
+        return reference
 
     def for_inference(self, dtype: torch.dtype | None = None, channels_last: bool = False,
                       compile: bool | str = False) -> "Explainer":
@@ -497,7 +541,7 @@ class Explainer(
             width_multiplier=config.width_multiplier, num_bottlenecks=config.num_bottlenecks,
             freeze_encoder=config.freeze_encoder, objective=config.objective, classifier_info=config.classifier,
             class_filter=config.class_filter, class_embedding=config.class_embedding,
-            class_embedding_features=config.class_embedding_features,
+            class_embedding_features=config.class_embedding_features, presence_reference=config.presence_reference,
         )
         explainer.config = copy.deepcopy(config)
         return explainer

@@ -97,6 +97,9 @@ def model_card(config: "ExplainerConfig", card_data: ModelCardData, repo_id: str
         f"- encoder: `{config.encoder}` {json.dumps(config.encoder_kwargs)}, "
         f"{'frozen' if config.freeze_encoder else 'trained'}",
         f"- mask at 1/{config.mask_reduction} of the input resolution, upsampled bilinearly",
+        f"- class filter: `{config.class_filter}`, class embedding `{config.class_embedding}`, class scores "
+        + ("not centred" if config.presence_reference is None
+           else f"centred per image on {config.presence_reference:.4f} (`presence_reference`)"),
         f"- objective: `{json.dumps(config.objective, sort_keys=True)}`",
         f"- training: `{json.dumps(config.training, sort_keys=True)}`" if config.training else "- training: not recorded",
         f"- training data: {_not_recorded(config.training_data)}", "",

@@ -153,6 +153,8 @@ def _mutate_config(folder, **changes):
         ({"classifier": {"name": "x", "source": "y"}}, ValueError, "unknown key"),
         ({"classifier": [3, 32, 32]}, ValueError, "classifier: must be an object"),
         ({"training": "yesterday"}, ValueError, "training must be an object"),
+        ({"presence_reference": "-2"}, ValueError, "presence_reference must be"),
+        ({"presence_reference": float("nan")}, ValueError, "presence_reference must be a finite number"),
     ],
 )
 def test_bad_configs_are_refused_before_building(explainer, tmp_path, change, error, match):
@@ -248,7 +250,8 @@ def test_shipped_configs_load_and_save_unchanged(name, tmp_path):
     explainer = Explainer.from_pretrained(folder)
     # written before class_filter existed, the demo means the paper's filter; written before
     # class_embedding existed, both learn one embedding per class
-    added = {"class_filter": "bottleneck", "class_embedding": "learned", "class_embedding_features": None}
+    added = {"class_filter": "bottleneck", "class_embedding": "learned", "class_embedding_features": None,
+             "presence_reference": None}
     assert explainer.config.to_dict() == {**added, **original}
     assert explainer.masking_model.class_filter == original.get("class_filter", "bottleneck")
     assert explainer.config.classifier.input_size == original["classifier"]["input_size"]

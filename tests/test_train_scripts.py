@@ -200,3 +200,39 @@ def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
                           "--val-pack", str(val), "--fake-label-prob", "1.5"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "--fake-label-prob: must be in [0, 1)" in bad.stderr
+
+
+def test_centre_presence_script_measures_on_the_pack_and_keeps_the_weights(tmp_path):
+    import subprocess
+    import sys
+
+    from torchvision import transforms
+
+    from blackbox_saliency import Explainer
+    from blackbox_saliency.datasets import TinyImageNet
+    from conftest import SMALL, tiny_imagenet_pack
+
+    pack = tiny_imagenet_pack(tmp_path / "train.tar.gz", "train", ["n01443537", "n01629819"], 3)
+    info = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    explainer = Explainer(num_classes=200, **SMALL, classifier_info=info).eval()
+    explainer.save_pretrained(tmp_path / "in" / "explainer-x")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    command = [sys.executable, str(ROOT / "hub" / "centre_presence.py"), "--explainer", str(tmp_path / "in" / "explainer-x"),
+               "--pack", str(pack), "--cache", str(tmp_path / "cache"), "--images", "5", "--size", "32"]
+    done = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tf = transforms.Compose([transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.ToTensor(), transforms.Normalize(info["mean"], info["std"])])
+    data = TinyImageNet(pack, split="train", transform=tf, cache_dir=tmp_path / "cache")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:5].tolist()
+    with torch.no_grad():
+        expected = explainer.masking_model.presence(torch.stack([data[i][0] for i in order])).mean().item()
+    centred = Explainer.from_pretrained(tmp_path / "out" / "explainer-x")
+    assert abs(centred.config.presence_reference - expected) < 1e-5
+    assert centred.config.training["presence_centring"]["reference"] == centred.config.presence_reference
+    assert all(torch.equal(v, explainer.state_dict()[k]) for k, v in centred.state_dict().items())
+    for out, message in ((tmp_path / "in", "--out: would overwrite"), (tmp_path / "again", "already centred")):
+        source = tmp_path / "out" / "explainer-x" if message == "already centred" else tmp_path / "in" / "explainer-x"
+        bad = subprocess.run(command[:3] + [str(source)] + command[4:] + ["--out", str(out)],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert bad.returncode != 0 and message in bad.stderr
