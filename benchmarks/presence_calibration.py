@@ -5,7 +5,9 @@
 
 The masking model filters its features by ``sigmoid(X_ij^T C_c)`` and scores class ``c`` present
 when ``max_ij X_ij^T C_c > 0``. For each data set (at 224 px, Lite0's own size) and explainer this
-prints: the share of all 1000 classes scored present per image; how the true class ranks among
+prints: the mean norm of the feature vectors ``X_ij`` the filter reads; the mean class score
+(centred, for an explainer with ``presence_reference``); the share of all 1000 classes scored
+present per image; how the true class ranks among
 them; how often a random absent class (the same draw as ``benchmarks/evaluate.py``) is scored
 present; and the absent class's mean mask where it is scored present and where it is not. A
 filter calibrated on one kind of image and not another shows up as a jump in the first column.
@@ -30,10 +32,12 @@ def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tens
                   batch_size: int) -> dict[str, float]:
     """The presence statistics of one explainer on one set of images (see the module's text)."""
     model = explainer.masking_model
-    scores, masks = [], []
+    scores, masks, norms = [], [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            scores.append(model.presence(images[i : i + batch_size]).float())
+            features = model._features(images[i : i + batch_size])[-1]
+            norms.append(features.float().norm(dim=1).mean((1, 2)))
+            scores.append(model.feature_filter.class_logits(features).float())
             masks.append(model(images[i : i + batch_size], absent[i : i + batch_size]).mask.mean((1, 2, 3)))
     scores, absent_mask = torch.cat(scores), torch.cat(masks)
     true_score = scores.gather(1, labels[:, None])
@@ -41,6 +45,8 @@ def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tens
     absent_present = scores.gather(1, absent[:, None]).squeeze(1) > 0
     share = lambda rows: absent_mask[rows].mean().item() if rows.any() else float("nan")  # noqa: E731
     return {
+        "feature norm": torch.cat(norms).mean().item(),
+        "mean class score": scores.mean().item(),
         "classes scored present": (scores > 0).float().mean().item(),
         "true class first": (true_rank == 0).float().mean().item(),
         "true class in top 5": (true_rank < 5).float().mean().item(),

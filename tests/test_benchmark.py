@@ -1,5 +1,6 @@
 """The evaluation benchmark runs end to end on a handful of real images (CI runs this)."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -187,6 +188,7 @@ def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict
         masks = explainer.masking_model(images, absent).mask.mean((1, 2, 3))
     present = scores.gather(1, absent[:, None]).squeeze(1) > 0
     assert row["classes scored present"] == (scores > 0).float().mean().item()
+    assert abs(row["mean class score"] - scores.mean().item()) < 1e-5 and row["feature norm"] > 0
     assert row["absent class scored present"] == present.float().mean().item()
     assert abs(row["absent mask, all"] - masks.mean().item()) < 1e-6
     share = present.float().mean().item()  # the two halves make up the whole
@@ -194,6 +196,26 @@ def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict
              row["absent mask, not"] * (1 - share) if share < 1 else 0.0]
     assert abs(sum(parts) - row["absent mask, all"]) < 1e-5
     assert 0.0 <= row["true class in top 5"] <= 1.0 and row["true class first"] <= row["true class in top 5"]
+
+
+def test_presence_margin_rows_move_with_the_reference_and_leave_the_explainer_uncentred(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = _benchmark_module("presence_margin")
+    torch.manual_seed(0)
+    explainer = Explainer(5, "small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1}).eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0])
+    absent, centre_on = (labels + 1) % 5, torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = explainer(images, labels).mean((1, 2, 3))
+    rows = module.margin_rows(explainer, images, labels, absent, centre_on, [0.0, 1e6], batch_size=4)
+    reference = Explainer.centre_presence(copy.deepcopy(explainer), centre_on)
+    assert [r["scores"] for r in rows] == ["uncentred", "centred, margin +0", "centred, margin +1e+06"]
+    assert rows[0]["reference"] is None and abs(rows[0]["true mean"] - plain.mean().item()) < 1e-6
+    assert abs(rows[1]["reference"] - reference) < 1e-6 and abs(rows[2]["reference"] - reference - 1e6) < 1e-3
+    # a margin this large calls every class present everywhere: the mask no longer depends on the class
+    assert abs(rows[2]["true mean"] - rows[2]["absent mean"]) < 1e-6
+    assert abs(rows[1]["true mean"] - rows[1]["absent mean"]) > 1e-6
+    assert explainer.config.presence_reference is None and explainer.masking_model.feature_filter.presence_reference is None
 
 
 def test_loader_throughput_times_both_data_paths_on_a_made_up_pack(tmp_path):
