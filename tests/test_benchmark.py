@@ -218,6 +218,15 @@ def test_presence_margin_rows_move_with_the_reference_and_leave_the_explainer_un
     assert explainer.config.presence_reference is None and explainer.masking_model.feature_filter.presence_reference is None
 
 
+def test_planted_precision_reads_one_code_per_part():
+    module = _benchmark_module("planted_precision")
+    parts = module.parse_parts("fbb")
+    assert (parts.masking_model, parts.classifier, parts.embedding_stage) == (False, True, True)
+    for bad in ("fb", "fbx", "bbbb"):
+        with pytest.raises(ValueError, match="--parts"):
+            module.parse_parts(bad)
+
+
 def test_loader_throughput_times_both_data_paths_on_a_made_up_pack(tmp_path):
     from conftest import tiny_imagenet_pack
 

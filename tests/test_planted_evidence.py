@@ -73,8 +73,9 @@ def learned():
     train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
     test = PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11)
     classifier = train_pattern_cnn(train, steps=400)
-    # bf16 as measured: under precision="auto" the parts' timing may pick float32 for some, and one
-    # such run (CI, 2026-12-02) gave absent-class masks of 0.138: this task's selectivity is not
+    # bf16 as measured: under precision="auto" the parts' timing may pick float32 for some, and the
+    # masking model in float32 with classifier and embedding stage in bf16 gives absent-class masks
+    # of 0.138 here (benchmarks/planted_precision.py, docs/fit.md): this task's selectivity is not
     # yet robust to precision (issue #11)
     explainer = fit_explainer(classifier, train, epochs=100, max_steps=1400, embedding_steps=400, seed=0,
                               progress=False, precision="bf16", **ENCODER)
