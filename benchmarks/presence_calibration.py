@@ -11,11 +11,18 @@ present per image; how the true class ranks among
 them; how often a random absent class (the same draw as ``benchmarks/evaluate.py``) is scored
 present; and the absent class's mean mask where it is scored present and where it is not. A
 filter calibrated on one kind of image and not another shows up as a jump in the first column.
+
+``--std-threshold t`` (repeatable) adds, for each explainer, rows with its class scores
+standardised per image at ``t`` (``presence_std_threshold``, set on a copy; its decoder was
+trained as it was, so only the filter's columns are the standardised filter's). ``--untrained-head``
+adds the filter a ``class_embedding="classifier_head"`` explainer starts from before any training
+(Lite0's own head through its head's input path: its class activation maps, linearised).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 from argparse import Namespace
 from datetime import date
@@ -24,8 +31,10 @@ from pathlib import Path
 import torch
 
 from blackbox_saliency import Explainer, load_classifier
+from blackbox_saliency._blackbox import head_weight
+from blackbox_saliency.encoders import classifier_features
 
-from evaluate import check_explainer_args, load_data
+from evaluate import load_data
 
 
 def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tensor, absent: torch.Tensor,
@@ -50,11 +59,36 @@ def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tens
         "classes scored present": (scores > 0).float().mean().item(),
         "true class first": (true_rank == 0).float().mean().item(),
         "true class in top 5": (true_rank < 5).float().mean().item(),
+        "true class scored present": (true_score.squeeze(1) > 0).float().mean().item(),
         "absent class scored present": absent_present.float().mean().item(),
         "absent mask, scored present": share(absent_present),
         "absent mask, not": share(~absent_present),
         "absent mask, all": absent_mask.mean().item(),
     }
+
+
+def untrained_head_explainer(classifier: torch.nn.Module) -> Explainer:
+    """The explainer ``fit_explainer(..., class_embedding="classifier_head")`` starts from for a
+    timm classifier: its own feature pyramid as the encoder and the filter's map set from the
+    head's input path; nothing trained (the decoder is random)."""
+    encoder = classifier_features(classifier)
+    head = head_weight(classifier, classifier.num_classes)
+    cfg = classifier.pretrained_cfg
+    explainer = Explainer(classifier.num_classes, encoder, class_embedding="classifier_head",
+                          class_embedding_features=head.shape[1],
+                          classifier_info={"input_size": list(cfg["input_size"]), "mean": list(cfg["mean"]),
+                                           "std": list(cfg["std"])})
+    explainer.masking_model.feature_filter.set_head(head, getattr(encoder, "head_input_map", None))
+    return explainer.eval()
+
+
+def standardised(explainer: Explainer, threshold: float) -> Explainer:
+    """A copy of ``explainer`` whose filter standardises each image's class scores at ``threshold``."""
+    copy = Explainer.from_config(explainer.config)
+    copy.load_state_dict(explainer.state_dict())
+    copy.masking_model.feature_filter.presence_reference = None
+    copy.masking_model.feature_filter.presence_std_threshold = float(threshold)
+    return copy.eval()
 
 
 def main() -> None:
@@ -67,10 +101,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--std-threshold", type=float, action="append", default=[],
+                        help="also score each explainer with its class scores standardised at this threshold")
+    parser.add_argument("--untrained-head", action="store_true",
+                        help="also score the untrained classifier_head filter (Lite0's linearised class maps)")
     args = parser.parse_args()
-    check_explainer_args(parser, args, ("limit", "batch_size"))
+    if not (args.explainer or args.untrained_head):
+        parser.error("--explainer: give at least one (or --untrained-head)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("limit", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if not all(math.isfinite(t) for t in args.std_threshold):
+        parser.error(f"--std-threshold: must be finite numbers, got {args.std_threshold}")
     classifier, preprocess = load_classifier("efficientnet_lite0")
     explainers = {name: Explainer.from_pretrained(name).eval() for name in args.explainer}
+    if args.untrained_head:
+        explainers["untrained classifier_head filter"] = untrained_head_explainer(classifier)
+    for name, explainer in list(explainers.items()):
+        for t in args.std_threshold:
+            explainers[f"{name}, standardised at {t:g}"] = standardised(explainer, t)
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
           f"date: {date.today()}.\n")
     header = None

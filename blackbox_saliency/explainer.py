@@ -109,9 +109,10 @@ class ClassifierInfo:
 
 #: What a config written before a field existed means: explainers saved before ``class_filter``
 #: filtered the bottleneck only, before ``class_embedding`` learned one vector per class, and
-#: before ``presence_reference`` left class scores uncentred.
+#: before ``presence_reference`` and ``presence_std_threshold`` left class scores as they were.
 OLD_CONFIG_DEFAULTS: dict[str, Any] = {"class_filter": "bottleneck", "class_embedding": "learned",
-                                       "class_embedding_features": None, "presence_reference": None}
+                                       "class_embedding_features": None, "presence_reference": None,
+                                       "presence_std_threshold": None}
 
 
 def _schema(*types: type) -> Any:
@@ -150,6 +151,7 @@ class ExplainerConfig:
     class_embedding: str = _schema(str)
     class_embedding_features: int | None = _schema(int, type(None))
     presence_reference: float | None = _schema(int, float, type(None))
+    presence_std_threshold: float | None = _schema(int, float, type(None))
     objective: dict[str, Any] = _schema(dict)
     classifier: ClassifierInfo = field(default_factory=ClassifierInfo)
     training: dict[str, Any] | None = None
@@ -231,8 +233,12 @@ class ExplainerConfig:
         if (self.class_embedding == "classifier_head") != (features is not None) or (features is not None and features < 1):
             raise ValueError(f"config: class_embedding_features must be the head's width (an int >= 1) with "
                              f"class_embedding 'classifier_head' and null otherwise, got {features!r}")
-        if self.presence_reference is not None and not math.isfinite(self.presence_reference):
-            raise ValueError(f"config: presence_reference must be a finite number or null, got {self.presence_reference!r}")
+        for name in ("presence_reference", "presence_std_threshold"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"config: {name} must be a finite number or null, got {value!r}")
+        if self.presence_reference is not None and self.presence_std_threshold is not None:
+            raise ValueError("config: presence_reference and presence_std_threshold cannot both be set")
         if not isinstance(self.classifier, ClassifierInfo):
             raise ValueError(f"config: classifier must be a ClassifierInfo, got {self.classifier!r}")
         self.classifier.validate("config: classifier")
@@ -287,6 +293,10 @@ class Explainer(
         presence_reference: None (default, the paper's filter) or a float: centre each image's
             class scores on it, so the filter calls as many classes present on a kind of image
             it was not trained on (see :meth:`centre_presence`, which measures it).
+        presence_std_threshold: None (default, the paper's filter) or a float ``t``: standardise
+            each image's class scores over the classes and call a class present when it stands
+            ``t`` deviations above their mean (see
+            :class:`~blackbox_saliency.masking_model.FeatureFilter`); not with ``presence_reference``.
 
     Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
     would otherwise leave them out of the saved config without a word.
@@ -314,6 +324,7 @@ class Explainer(
         class_embedding: str = "learned",
         class_embedding_features: int | None = None,
         presence_reference: float | None = None,
+        presence_std_threshold: float | None = None,
     ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
@@ -339,14 +350,14 @@ class Explainer(
             freeze_encoder = bool(pretrained_encoder) or isinstance(encoder, nn.Module)
         self.masking_model = MaskingModel(
             module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter,
-            class_embedding, class_embedding_features, presence_reference,
+            class_embedding, class_embedding_features, presence_reference, presence_std_threshold,
         )
         self.config = ExplainerConfig(
             num_classes=num_classes, encoder=encoder_name, encoder_kwargs=encoder_kwargs, in_chans=in_chans,
             mask_reduction=mask_reduction, width_multiplier=width_multiplier, num_bottlenecks=num_bottlenecks,
             freeze_encoder=freeze_encoder, class_filter=class_filter, class_embedding=class_embedding,
             class_embedding_features=class_embedding_features, presence_reference=presence_reference,
-            objective=objective, classifier=info,
+            presence_std_threshold=presence_std_threshold, objective=objective, classifier=info,
         )
 
     # The mixin keeps the config it saves in ``_hub_mixin_config``, built from the constructor's
@@ -391,6 +402,9 @@ class Explainer(
             >>> explainer.config.presence_reference == reference
             True
         """
+        if self.config.presence_std_threshold is not None:
+            raise ValueError("centre_presence: this explainer standardises its class scores "
+                             f"(presence_std_threshold {self.config.presence_std_threshold}); centring would replace that")
         images = check_images(images, channels=self.config.in_chans, min_size=self.config.mask_reduction)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
@@ -542,6 +556,7 @@ class Explainer(
             freeze_encoder=config.freeze_encoder, objective=config.objective, classifier_info=config.classifier,
             class_filter=config.class_filter, class_embedding=config.class_embedding,
             class_embedding_features=config.class_embedding_features, presence_reference=config.presence_reference,
+            presence_std_threshold=config.presence_std_threshold,
         )
         explainer.config = copy.deepcopy(config)
         return explainer

@@ -98,8 +98,10 @@ def model_card(config: "ExplainerConfig", card_data: ModelCardData, repo_id: str
         f"{'frozen' if config.freeze_encoder else 'trained'}",
         f"- mask at 1/{config.mask_reduction} of the input resolution, upsampled bilinearly",
         f"- class filter: `{config.class_filter}`, class embedding `{config.class_embedding}`, class scores "
-        + ("not centred" if config.presence_reference is None
-           else f"centred per image on {config.presence_reference:.4f} (`presence_reference`)"),
+        + (f"centred per image on {config.presence_reference:.4f} (`presence_reference`)"
+           if config.presence_reference is not None
+           else f"standardised per image, present {config.presence_std_threshold:g} deviations above the mean "
+           "(`presence_std_threshold`)" if config.presence_std_threshold is not None else "not centred"),
         f"- objective: `{json.dumps(config.objective, sort_keys=True)}`",
         f"- training: `{json.dumps(config.training, sort_keys=True)}`" if config.training else "- training: not recorded",
         f"- training data: {_not_recorded(config.training_data)}", "",

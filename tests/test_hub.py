@@ -155,6 +155,9 @@ def _mutate_config(folder, **changes):
         ({"training": "yesterday"}, ValueError, "training must be an object"),
         ({"presence_reference": "-2"}, ValueError, "presence_reference must be"),
         ({"presence_reference": float("nan")}, ValueError, "presence_reference must be a finite number"),
+        ({"presence_std_threshold": "2"}, ValueError, "presence_std_threshold must be"),
+        ({"presence_std_threshold": float("inf")}, ValueError, "presence_std_threshold must be a finite number"),
+        ({"presence_std_threshold": 2.0, "presence_reference": 0.0}, ValueError, "cannot both be set"),
     ],
 )
 def test_bad_configs_are_refused_before_building(explainer, tmp_path, change, error, match):
@@ -251,7 +254,7 @@ def test_shipped_configs_load_and_save_unchanged(name, tmp_path):
     # written before class_filter existed, the demo means the paper's filter; written before
     # class_embedding existed, both learn one embedding per class
     added = {"class_filter": "bottleneck", "class_embedding": "learned", "class_embedding_features": None,
-             "presence_reference": None}
+             "presence_reference": None, "presence_std_threshold": None}
     assert explainer.config.to_dict() == {**added, **original}
     assert explainer.masking_model.class_filter == original.get("class_filter", "bottleneck")
     assert explainer.config.classifier.input_size == original["classifier"]["input_size"]

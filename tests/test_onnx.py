@@ -9,9 +9,13 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("presence", [{}, {"presence_reference": 0.3}, {"presence_std_threshold": 1.0}])
+def test_onnx_export_matches_pytorch(tmp_path, presence):
     torch.manual_seed(0)
-    explainer = Explainer(num_classes=4, **SMALL, classifier_info={"input_size": [3, 32, 32]}).eval()
+    explainer = Explainer(num_classes=4, **SMALL, classifier_info={"input_size": [3, 32, 32]}, **presence).eval()
+    with torch.no_grad():  # weights away from their init, so every class scores differently
+        for p in explainer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     path = explainer.export_onnx(tmp_path / "explainer.onnx")
     session = ort.InferenceSession(str(path))
     images, ids = torch.randn(5, 3, 32, 32), torch.tensor([0, 3, 1, 2, 2])  # another batch size than exported
