@@ -8,7 +8,8 @@ when ``max_ij X_ij^T C_c > 0``. For each data set (at 224 px, Lite0's own size) 
 prints: the mean norm of the feature vectors ``X_ij`` the filter reads; the mean class score
 (centred, for an explainer with ``presence_reference``); the share of all 1000 classes scored
 present per image; how the true class ranks among
-them; how often a random absent class (the same draw as ``benchmarks/evaluate.py``) is scored
+them; the true class's mean attention ``sigmoid(X_ij^T C_c)`` over the map (what the decoder's
+features are multiplied by); how often a random absent class (the same draw as ``benchmarks/evaluate.py``) is scored
 present; and the absent class's mean mask where it is scored present and where it is not. A
 filter calibrated on one kind of image and not another shows up as a jump in the first column.
 
@@ -41,12 +42,13 @@ def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tens
                   batch_size: int) -> dict[str, float]:
     """The presence statistics of one explainer on one set of images (see the module's text)."""
     model = explainer.masking_model
-    scores, masks, norms = [], [], []
+    scores, masks, norms, attention = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             features = model._features(images[i : i + batch_size])[-1]
             norms.append(features.float().norm(dim=1).mean((1, 2)))
             scores.append(model.feature_filter.class_logits(features).float())
+            attention.append(model.feature_filter(features, labels[i : i + batch_size])[1].float().mean((1, 2, 3)))
             masks.append(model(images[i : i + batch_size], absent[i : i + batch_size]).mask.mean((1, 2, 3)))
     scores, absent_mask = torch.cat(scores), torch.cat(masks)
     true_score = scores.gather(1, labels[:, None])
@@ -60,6 +62,7 @@ def presence_rows(explainer: Explainer, images: torch.Tensor, labels: torch.Tens
         "true class first": (true_rank == 0).float().mean().item(),
         "true class in top 5": (true_rank < 5).float().mean().item(),
         "true class scored present": (true_score.squeeze(1) > 0).float().mean().item(),
+        "true class attention": torch.cat(attention).mean().item(),
         "absent class scored present": absent_present.float().mean().item(),
         "absent mask, scored present": share(absent_present),
         "absent mask, not": share(~absent_present),

@@ -198,6 +198,10 @@ def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict
     assert 0.0 <= row["true class in top 5"] <= 1.0 and row["true class first"] <= row["true class in top 5"]
     true_present = scores.gather(1, labels[:, None]).squeeze(1) > 0
     assert row["true class scored present"] == true_present.float().mean().item()
+    with torch.no_grad():
+        features = explainer.masking_model._features(images)[-1]
+        attention = explainer.masking_model.feature_filter(features, labels)[1].mean()
+    assert abs(row["true class attention"] - attention.item()) < 1e-5
 
 
 def test_presence_calibration_standardised_copy_leaves_the_explainer_as_it_was(monkeypatch):
