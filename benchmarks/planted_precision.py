@@ -11,7 +11,8 @@ filter's own verdict (the share of images whose true class it ranks first, and t
 absent class it scores present, ``max_ij X_ij^T C_c > 0``), on 300 held-out images: a filter that
 calls the absent class present explains an absent-class mask; one that does not, with a mask all
 the same, points at the decoder. ``--freeze-embedding`` keeps what the embedding stage learnt
-fixed in the mask stage; ``--presence-weight`` weighs the presence loss that keeps training it
+fixed in the mask stage (``--freeze-embedding class_embedding``: the class embedding only, the
+encoder left to train); ``--presence-weight`` weighs the presence loss that keeps training it
 there otherwise. Needs a CPU with native bf16 for ``b`` to mean bf16.
 """
 
@@ -46,9 +47,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--embedding-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--freeze-embedding", action="store_true")
+    parser.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding"],
+                        help="alone (or 'all'): class embedding and encoder; 'class_embedding': the embedding only")
     parser.add_argument("--presence-weight", type=float, default=1.0, help="fit_explainer's presence_weight")
+    parser.add_argument("--mask-reduction", type=int, default=None,
+                        help="the explainer's mask_reduction (default: Explainer's, 4: a 10 x 10 mask for 40 px)")
     args = parser.parse_args()
+    freeze = {None: False, "all": True}.get(args.freeze_embedding, args.freeze_embedding)
     try:
         runs = [(code, parse_parts(code)) for code in args.parts.split(",")]
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -60,8 +65,9 @@ def main() -> None:
     test = PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11)
     classifier = train_pattern_cnn(train, steps=400)
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
-          f"date: {date.today()}; freeze_embedding={args.freeze_embedding}, "
-          f"presence_weight={args.presence_weight:g}, embedding_steps={args.embedding_steps}, steps={args.steps}.\n")
+          f"date: {date.today()}; freeze_embedding={freeze}, "
+          f"presence_weight={args.presence_weight:g}, embedding_steps={args.embedding_steps}, steps={args.steps}"
+          + (f", mask_reduction={args.mask_reduction}" if args.mask_reduction else "") + ".\n")
     print("| parts (masking, classifier, embedding) | seed | true class | absent class | inside pattern | outside "
           "| filter: true ranked first | filter: absent present | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -73,9 +79,10 @@ def main() -> None:
                 start = time.perf_counter()
                 explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
                                           embedding_steps=args.embedding_steps, seed=seed, progress=False,
-                                          precision="auto", freeze_embedding=args.freeze_embedding,
-                                          presence_weight=args.presence_weight,
-                                          **ENCODER).eval()
+                                          precision="auto", freeze_embedding=freeze,
+                                          presence_weight=args.presence_weight, **ENCODER,
+                                          **({"mask_reduction": args.mask_reduction} if args.mask_reduction else {})
+                                          ).eval()
                 seconds = time.perf_counter() - start
                 with torch.no_grad():
                     masks = explainer(test.images, test.labels)

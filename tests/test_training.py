@@ -219,6 +219,23 @@ def test_freeze_embedding_keeps_what_the_embedding_stage_trained(freeze):
     assert all(p.requires_grad for p in explainer.parameters())  # frozen for training only
 
 
+def test_freeze_embedding_class_embedding_fixes_the_filter_but_trains_the_encoder(monkeypatch):
+    stage_only = _fit(seed=3, embedding_steps=2, max_steps=2, freeze_embedding="class_embedding").state_dict()
+    calls = []
+    original = FeatureFilter.class_logits
+    monkeypatch.setattr(FeatureFilter, "class_logits", lambda self, f: calls.append(1) or original(self, f))
+    explainer = _fit(seed=3, embedding_steps=2, max_steps=4, freeze_embedding="class_embedding")
+    after = explainer.state_dict()
+    embedding = [k for k in after if k.startswith("masking_model.feature_filter.")]
+    encoder = [k for k in after if k.startswith("masking_model.encoder.") and k.endswith("weight")]
+    assert embedding and encoder
+    assert all(torch.equal(stage_only[k], after[k]) for k in embedding)
+    assert any(not torch.equal(stage_only[k], after[k]) for k in encoder)
+    assert len(calls) == 4  # the presence loss still trains the encoder in the mask stage
+    assert all(p.requires_grad for p in explainer.parameters())
+    assert explainer.config.training["freeze_embedding"] == "class_embedding"
+
+
 def test_freeze_embedding_is_off_by_default_and_a_bool():
     assert _fit(max_steps=1).config.training["freeze_embedding"] is False
     with pytest.raises(TypeError, match="freeze_embedding"):
