@@ -325,7 +325,7 @@ def fit_explainer(
             stage, it localises far worse (hit rate 0.74 -> 0.29 and 0.42 -> 0.00), so it is
             not the default. ``"class_embedding"`` fixes only the class embedding and leaves
             the encoder to the mask losses and the presence loss; measured on the planted task
-            (docs/fit.md) it loses the filter on most seeds, worse than either bool.
+            (docs/fit.md) it loses the filter on 4 seeds of 5, no better than ``False``.
         presence_targets: which classes the presence loss calls present in an image: the
             ``"class"`` explained (default), or ``"class_and_prediction"``: the classifier's own
             top class too. For data whose labels cover only some of the classifier's classes
