@@ -111,6 +111,15 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
                      help="'classifier_head': derive each class's embedding from the classifier's head row, so "
                      "classes the folder lacks get one too (default: %(default)s)")
+    fit.add_argument("--embedding-steps", type=int, default=None,
+                     help="steps at the start that train only the class embedding, before the masks (default: a "
+                     "quarter of the run; the shipped Lite0 explainer used 0 with --class-embedding classifier_head)")
+    fit.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding"], default=None,
+                     help="keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
+                     "the class embedding and any trainable encoder) or only the 'class_embedding'")
+    fit.add_argument("--presence-std-threshold", type=float, default=None,
+                     help="standardise each image's class-presence map and pass only locations this many deviations "
+                     "above its mean (default: the paper's filter; the shipped Lite0 explainer uses 2)")
     fit.add_argument("--epochs", type=int, default=20)
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -303,9 +312,10 @@ def _read_image(path: str) -> Any:
 #: fit_explainer's arguments as its error messages name them -> what the command says instead.
 _FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", "batch_size": "--batch-size",
               "max_steps": "--max-steps", "resume": "--resume", "preload": "--preload", "encoder": "--encoder",
-              "epochs": "--epochs", "device": "--device", "seed": "--seed"}
+              "epochs": "--epochs", "device": "--device", "seed": "--seed",
+              "embedding_steps": "--embedding-steps"}
 _FIT_SETTINGS = {"pretrained_encoder=False": "--no-pretrained-encoder", "resume=False": "no --resume",
-                 "preload=False": "no --preload"}
+                 "preload=False": "no --preload", "presence_std_threshold": "--presence-std-threshold"}
 
 
 def _as_flags(text: str) -> str:
@@ -334,7 +344,9 @@ def _fit(args: argparse.Namespace) -> int:
             model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
             preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
-            class_source="prediction", class_embedding=args.class_embedding,
+            class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,
+            freeze_embedding={None: False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
+            presence_std_threshold=args.presence_std_threshold,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},
         )

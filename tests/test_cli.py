@@ -114,6 +114,26 @@ def test_fit_with_the_classifiers_head_as_class_embedding(tiny, tmp_path):
     assert torch.equal(explainer.masking_model.feature_filter.head_weight, tiny[0][-1].weight)
 
 
+def test_fit_passes_the_shipped_lite0_recipes_embedding_options(tiny, tmp_path):
+    data = image_folder(tmp_path / "data")
+    args = ("--class-embedding", "classifier_head", "--embedding-steps", "0", "--presence-std-threshold", "2")
+    assert main(fit_args(data, tmp_path / "all", *args, "--freeze-embedding")) == 0
+    explainer = Explainer.from_pretrained(tmp_path / "all")
+    assert explainer.config.presence_std_threshold == 2.0
+    assert explainer.config.training["embedding_steps"] == 0
+    assert explainer.config.training["freeze_embedding"] is True
+    assert main(fit_args(data, tmp_path / "class", "--freeze-embedding", "class_embedding")) == 0
+    explainer = Explainer.from_pretrained(tmp_path / "class")
+    assert explainer.config.training["freeze_embedding"] == "class_embedding"
+    assert explainer.config.presence_std_threshold is None
+
+
+def test_fit_rejects_a_negative_embedding_steps_naming_the_flag(tiny, tmp_path, capsys):
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--embedding-steps", "-1")) == 2
+    assert "--embedding-steps" in error_line(capsys, "fit")
+    assert not (tmp_path / "out").exists()
+
+
 # push without a network
 
 
