@@ -1,8 +1,8 @@
 """Train this project's explainer for EfficientNet-Lite0 (ImageNet-1k) on Tiny ImageNet, on a CPU.
 
-    # from the repository root: the shipped explainer's two commands, 27 + 24 min on both cores of
-    # a 2-core Xeon with AMX (2026-12-02, seventeenth session); each logs to a file and, run again,
-    # resumes its run. The class filter is Lite0's own head (its class activation maps, fixed and
+    # from the repository root: the shipped explainer's three commands, 27 + 24 + 13 min on both
+    # cores of a 2-core Xeon with AMX (2026-12-02, seventeenth session, and 2026-12-03); each logs
+    # to a file and, run again, resumes its run. The class filter is Lite0's own head (its class activation maps, fixed and
     # standardised per image), so no embedding stage; the class explained is Lite0's prediction.
     # 1. the masks at 128 px
     nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
@@ -13,7 +13,13 @@
     nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
         --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --class-source prediction --freeze-embedding \
         --class-embedding classifier_head --presence-std-threshold 2 --embedding-steps 0 --size 224 --steps 600 \
-        --threads 2 --init-from OUT128/explainer-efficientnet_lite0 --checkpoints runs/lite0-224 --out OUT > lite0-224.log 2>&1 &
+        --threads 2 --init-from OUT128/explainer-efficientnet_lite0 --checkpoints runs/lite0-224 --out OUT224 > lite0-224.log 2>&1 &
+    # 3. 400 more at 224 px with a larger area weight (12 instead of 8): smaller masks
+    nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
+        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --class-source prediction --freeze-embedding \
+        --class-embedding classifier_head --presence-std-threshold 2 --embedding-steps 0 --size 224 --steps 400 \
+        --objective '{"preserve_weight": 1.0, "area_weight": 12.0}' --threads 2 \
+        --init-from OUT224/explainer-efficientnet_lite0 --checkpoints runs/lite0-224-area12 --out OUT > lite0-area12.log 2>&1 &
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
 feature pyramid with the same pretrained weights, frozen (no ResNet-50 weights can be had here;
