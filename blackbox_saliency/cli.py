@@ -118,8 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
                      "the class embedding and any trainable encoder) or only the 'class_embedding'")
     fit.add_argument("--presence-std-threshold", type=float, default=None,
-                     help="standardise each image's class-presence map and pass only locations this many deviations "
-                     "above its mean (default: the paper's filter; the shipped Lite0 explainer uses 2)")
+                     help="call a class present in an image when its score stands this many standard deviations above "
+                     "the image's mean class score (default: the paper's filter; the shipped Lite0 explainer uses 2)")
     fit.add_argument("--epochs", type=int, default=20)
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
