@@ -8,8 +8,10 @@ The saliency metric is a mean of ``log(max(a, 0.05)) - log(p)`` over images, and
 long tail (one image with p = 1e-4 adds 9.2 / N), so two methods a few thousandths apart on 500
 images may not differ at all. For the same images as ``benchmarks/evaluate.py`` (same seed and
 order), this scores the max box, the centre box and each ``--explainer`` per image, then gives
-each method's mean with a 95% bootstrap interval, and its mean difference from the centre box
-and from the max box with a 95% paired bootstrap interval (the same resampled images for both).
+each method's mean with a 95% bootstrap interval, and its mean difference from the centre box,
+the max box and each ``--baseline`` (e.g. ``--baseline Grad-CAM``, a prefix of a name in
+``blackbox_saliency.baselines.BASELINES``) with a 95% paired bootstrap interval (the same
+resampled images for both).
 Also the mean mask for the true class and for a random absent one (as in ``evaluate.py``).
 
 A mask with no pixel above 0.5 scores as the whole image (its box is the image), so an explainer
@@ -60,6 +62,17 @@ def empty_split(method: torch.Tensor, centre: torch.Tensor, is_empty: torch.Tens
     return cells
 
 
+def reference_methods(prefixes: list[str]) -> list[str]:
+    """The centre box, the max box, then the baseline each prefix names (exactly one each)."""
+    references = ["centre box", "max box"]
+    for prefix in prefixes:
+        found = [name for name in BASELINES if name.startswith(prefix)]
+        if len(found) != 1:
+            raise ValueError(f"--baseline: {prefix!r} matches {found or 'none'} of {list(BASELINES)}; give one")
+        references += [name for name in found if name not in references]
+    return references
+
+
 def masks_for(model, explainer, images, labels, batch_size):
     return torch.cat([explain(model, images[i : i + batch_size], labels[i : i + batch_size], explainer=explainer).float()
                       for i in range(0, len(images), batch_size)])
@@ -77,8 +90,14 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="another baseline to score and compare with (a name prefix, e.g. Grad-CAM); repeatable")
     args = parser.parse_args()
     check_explainer_args(parser, args, ("limit", "batch_size", "resamples"))
+    try:
+        references = reference_methods(args.baseline)
+    except ValueError as err:
+        parser.error(str(err))
 
     model, preprocess = load_classifier(args.classifier)
     images, labels, _ = load_data(args, model, preprocess)
@@ -86,8 +105,9 @@ def main() -> None:
     absent = (labels + torch.randint(1, k, labels.shape, generator=torch.Generator().manual_seed(args.seed + 1))) % k
 
     scores, areas, empty = {}, {}, {}
-    for name in ("max box", "centre box"):
-        masks = BASELINES[name](model, images, labels)
+    for name in references:
+        masks = torch.cat([BASELINES[name](model, images[i : i + args.batch_size], labels[i : i + args.batch_size])
+                           for i in range(0, len(images), args.batch_size)])
         scores[name] = saliency_metric(model, images, masks, labels)
     for folder in args.explainer:
         explainer = Explainer.from_pretrained(folder)
@@ -104,14 +124,15 @@ def main() -> None:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
         f"date: {date.today()}.",
         "",
-        "| method | saliency metric (95% interval) | minus centre box (95% paired interval) | minus max box (95% paired "
-        "interval) | mean mask, true class | mean mask, absent class |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | saliency metric (95% interval) | "
+        + "".join(f"minus {name} (95% paired interval) | " for name in references)
+        + "mean mask, true class | mean mask, absent class |",
+        "| --- | --- | " + "--- | " * len(references) + "--- | --- |",
     ]
     for name, values in scores.items():
         low, high = bootstrap_interval(values, args.resamples, generator)
         cells = [f"{values.mean():.3f} ({low:.3f} to {high:.3f})"]
-        for reference in ("centre box", "max box"):
+        for reference in references:
             difference = values - scores[reference]
             d_low, d_high = bootstrap_interval(difference, args.resamples, generator)
             cells.append(f"{difference.mean():+.3f} ({d_low:+.3f} to {d_high:+.3f})" if name != reference else "")

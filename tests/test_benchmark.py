@@ -115,6 +115,16 @@ def test_saliency_interval_splits_empty_masks_from_the_others():
     assert cells[0] == "0.000" and cells[2] == "no images"
 
 
+def test_saliency_interval_baselines_by_prefix_with_clear_errors():
+    module = _saliency_interval()
+    assert module.reference_methods([]) == ["centre box", "max box"]
+    assert module.reference_methods(["Grad-CAM", "max"]) == ["centre box", "max box", "Grad-CAM (grad-cam)"]
+    with pytest.raises(ValueError, match="--baseline: 'nothing' matches none"):
+        module.reference_methods(["nothing"])
+    with pytest.raises(ValueError, match="--baseline: '' matches"):
+        module.reference_methods([""])  # every name: ambiguous
+
+
 def test_localisation_breakdown_groups_and_box_areas_by_hand():
     module = _benchmark_module("localisation_breakdown")
     hits = torch.tensor([True, False, False, True])
