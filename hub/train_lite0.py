@@ -1,6 +1,6 @@
 """Train this project's explainer for EfficientNet-Lite0 (ImageNet-1k) on Tiny ImageNet, on a CPU.
 
-    # from the repository root: the shipped explainer's three commands, 27 + 24 + 13 min on both
+    # from the repository root: the shipped explainer's four commands, 27 + 24 + 13 + 15 min on both
     # cores of a 2-core Xeon with AMX (2026-12-02, seventeenth session, and 2026-12-03); each logs
     # to a file and, run again, resumes its run. The class filter is Lite0's own head (its class activation maps, fixed and
     # standardised per image), so no embedding stage; the class explained is Lite0's prediction.
@@ -19,7 +19,13 @@
         --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --class-source prediction --freeze-embedding \
         --class-embedding classifier_head --presence-std-threshold 2 --embedding-steps 0 --size 224 --steps 400 \
         --objective '{"preserve_weight": 1.0, "area_weight": 12.0}' --threads 2 \
-        --init-from OUT224/explainer-efficientnet_lite0 --checkpoints runs/lite0-224-area12 --out OUT > lite0-area12.log 2>&1 &
+        --init-from OUT224/explainer-efficientnet_lite0 --checkpoints runs/lite0-224-area12 --out OUTAW12 > lite0-area12.log 2>&1 &
+    # 4. 400 more with area weight 16: smaller masks still (saliency metric on photographs level with Grad-CAM's)
+    nohup python hub/train_lite0.py --packs ../shared/data/tiny-imagenet-200-train-{a,b,c,d}.tar.gz \
+        --val-pack ../shared/data/tiny-imagenet-200-val.tar.gz --class-source prediction --freeze-embedding \
+        --class-embedding classifier_head --presence-std-threshold 2 --embedding-steps 0 --size 224 --steps 400 \
+        --objective '{"preserve_weight": 1.0, "area_weight": 16.0}' --threads 2 \
+        --init-from OUTAW12/explainer-efficientnet_lite0 --checkpoints runs/lite0-224-area16 --out OUT > lite0-area16.log 2>&1 &
 
 The black box is ``load_classifier("efficientnet_lite0")``. The encoder is the same network's
 feature pyramid with the same pretrained weights, frozen (no ResNet-50 weights can be had here;
