@@ -14,6 +14,9 @@ class, and masks per second. Images are taken in a fixed order (the first ``--li
 after a seeded shuffle), the class is the ground-truth label, and the removed evidence is
 replaced by a blurred copy (sigma 10 at 224 px) so that every method meets the same
 alternative. Writes ``table.md`` (with the command, machine and date) and ``figure.jpg``.
+Like the CLI, it first calls ``keep_freed_memory()`` on the CPU (docs/speed.md, "The CPU's
+allocator"): with glibc's own behaviour the masks/s column varied two-fold between runs of the
+same explainer; ``BLACKBOX_SALIENCY_MALLOC=default`` keeps glibc's behaviour.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from PIL import Image
 from torchvision import transforms
 
 from blackbox_saliency import Explainer, explain, load_classifier
+from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.baselines import BASELINES
 from blackbox_saliency.datasets import ImageNetSamples, TinyImageNet, cifar10, scale_boxes
 from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    heap = keep_freed_memory()
     torch.manual_seed(args.seed)
     model, preprocess = load_classifier(args.classifier)
     images, labels, boxes = load_data(args, model, preprocess)
@@ -160,7 +165,8 @@ def main() -> None:
         f"{args.faithfulness_steps} steps.",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}.",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+        f"{'; freed memory kept in the heap (keep_freed_memory)' if heap else ''}; date: {date.today()}.",
         "",
         "| method | localisation error (%) | pointing game (%) | saliency metric | deletion AUC | insertion AUC | mean area "
         "| p preserved | p removed | mean mask, absent class | masks/s |",
