@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
-from blackbox_saliency._precision import classifier_pass
-from blackbox_saliency.allocator import keep_freed_memory
-from blackbox_saliency.classifiers import CifarResNet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from precision_parts import seconds_per_pass, set_up_timing  # noqa: E402  (same warm-up and timing)
 
-
-def rate(step, batch: int, repeats: int) -> float:
-    step()
-    step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return batch * repeats / (time.perf_counter() - start)
+from blackbox_saliency._precision import classifier_pass  # noqa: E402
+from blackbox_saliency.classifiers import CifarResNet  # noqa: E402
 
 
 def main() -> None:
@@ -39,14 +34,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    for name in ("threads", "batch", "repeats"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name}: must be at least 1, got {value}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as fit_explainer does on the CPU
-    torch.manual_seed(0)
+    set_up_timing(parser, args, ("threads", "batch", "repeats"))
     net = CifarResNet().eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -61,13 +49,13 @@ def main() -> None:
         net.to(memory_format=layout)
         x = images.contiguous(memory_format=layout)
         for bf16 in (False, True):
-            eager = rate(classifier_pass(net, x, bf16), args.batch, args.repeats)
+            eager = args.batch / seconds_per_pass(classifier_pass(net, x, bf16), args.repeats)
             torch._dynamo.reset()
             compiled = torch.compile(net)
             start = time.perf_counter()
             classifier_pass(compiled, x, bf16)()
             first = time.perf_counter() - start
-            fast = rate(classifier_pass(compiled, x, bf16), args.batch, args.repeats)
+            fast = args.batch / seconds_per_pass(classifier_pass(compiled, x, bf16), args.repeats)
             print(f"| {'channels-last' if channels_last else 'default'} | {'bf16' if bf16 else 'fp32'} | {eager:.1f} | "
                   f"{fast:.1f} | {first:.0f} |", flush=True)
 

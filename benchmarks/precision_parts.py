@@ -37,13 +37,26 @@ from blackbox_saliency.encoders import classifier_features
 COMBINATIONS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
-def _time(step, repeats: int) -> float:
+def seconds_per_pass(step, repeats: int) -> float:
     step()  # warm-up: allocation and oneDNN's first-call kernel choice are not what a run pays per step
     step()
     start = time.perf_counter()
     for _ in range(repeats):
         step()
     return (time.perf_counter() - start) / repeats
+
+
+def set_up_timing(parser: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...]) -> None:
+    """For the timing scripts: the ``positive`` options at least 1 when given (a clear error naming
+    each), ``--threads``, freed memory kept in the heap as ``fit_explainer`` does, a fixed seed."""
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}: must be at least 1, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as fit_explainer does on the CPU
+    torch.manual_seed(0)
 
 
 def main() -> None:
@@ -54,14 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes after 2 warm-up passes")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    for name in ("size", "repeats", "threads", "batch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name}: must be at least 1, got {value}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as fit_explainer does on the CPU
-    torch.manual_seed(0)
+    set_up_timing(parser, args, ("size", "repeats", "threads", "batch"))
     if args.setup == "lite0":
         import timm
 
@@ -93,7 +99,7 @@ def main() -> None:
         for part, step in (("black box", classifier_pass(classifier, x, bf16)),
                            ("masking model", masking_pass(explainer.masking_model, x, class_ids, bf16)),
                            ("embedding stage", embedding_pass(explainer.masking_model, x, bf16))):
-            rows.append((part, precision, "channels-last" if channels_last else "default", batch / _time(step, args.repeats)))
+            rows.append((part, precision, "channels-last" if channels_last else "default", batch / seconds_per_pass(step, args.repeats)))
 
     setup = f"EfficientNet-Lite0, {size} px" if args.setup == "lite0" else "CIFAR-10 ResNet-9 and small encoder, 32 px"
     print(f"{setup}, batch {batch}; {platform.machine()} CPU, {torch.get_num_threads()} threads; "

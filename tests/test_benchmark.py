@@ -185,6 +185,13 @@ def test_precision_parts_times_passes_that_reach_what_training_changes():
     assert bad.returncode != 0 and "--repeats: must be at least 1" in bad.stderr
 
 
+def test_compile_classifier_refuses_bad_counts_naming_the_option():
+    for option in ("--repeats", "--batch"):
+        bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_classifier.py"), option, "0"],
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert bad.returncode != 0 and f"{option}: must be at least 1, got 0" in bad.stderr
+
+
 def test_presence_calibration_rows_split_the_absent_masks_by_the_filters_verdict(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports evaluate.py as a script does
     module = _benchmark_module("presence_calibration")
