@@ -16,7 +16,9 @@ drawn once and shared by all three, blurred ones and random-colour ones apart:
 - ``inside only``: the same mask with everything outside the pattern set to 0;
 - ``pattern box``: 1 on the pattern, 0 elsewhere.
 
-A last table gives each class's mean true-class mask per seed.
+A last table gives each class's mean true-class mask per seed. ``--start-empty B``: the masking
+model starts from masks near empty (the head's second channel biased by ``B``, so that
+``|c0| / (|c0| + |c1|)`` begins small), through ``init_from``.
 
 If ``inside only`` or ``pattern box`` has the lower objective, a loose run stopped in a worse
 place than the objective allows (an optimisation problem); if the learned mask is lower, the
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import blackbox_saliency.training as training
-from blackbox_saliency import fit_explainer
+from blackbox_saliency import Explainer, fit_explainer
 from blackbox_saliency._precision import PartPrecision
 from blackbox_saliency.evidence import alternative_image
 from blackbox_saliency.objective import SaliencyObjective
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--embedding-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--start-empty", type=float, default=None, metavar="B",
+                        help="bias the head's second channel by B at the start (masks begin near empty)")
     parser.add_argument("--save", default=None, help="torch.save the held-out images, boxes and each seed's masks here")
     args = parser.parse_args()
     try:
@@ -73,8 +77,9 @@ def main() -> None:
     test = PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11)
     classifier = train_pattern_cnn(train, steps=400)
     objective = SaliencyObjective()
+    start_empty = f" --start-empty {args.start_empty:g}" if args.start_empty is not None else ""
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
-          f"--embedding-steps {args.embedding_steps}`; machine: {platform.machine()}, {torch.get_num_threads()} CPU "
+          f"--embedding-steps {args.embedding_steps}{start_empty}`; machine: {platform.machine()}, {torch.get_num_threads()} CPU "
           f"threads, torch {torch.__version__}; date: {date.today()}.\n")
     print("| seed | outside: mean / median / share > 0.5 / max of the mean over images | inside | alternative | mask | preserve | destroy "
           "| area | tv | total |")
@@ -84,10 +89,16 @@ def main() -> None:
     saved = {}
     try:
         for seed in seeds:
+            start = None
+            if args.start_empty is not None:
+                torch.manual_seed(seed)
+                start = Explainer(4, "small", encoder_kwargs={"widths": [16, 32, 64]})
+                with torch.no_grad():
+                    start.masking_model.head.bias[1] += args.start_empty
             explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
                                       embedding_steps=args.embedding_steps, seed=seed, progress=False,
                                       precision="auto", freeze_embedding=True, encoder="small",
-                                      encoder_kwargs={"widths": [16, 32, 64]}).eval()
+                                      encoder_kwargs={"widths": [16, 32, 64]}, init_from=start).eval()
             with torch.no_grad():
                 learned = explainer(test.images, test.labels).float()
             inside = inside_boxes(test.boxes, *learned.shape[-2:])
