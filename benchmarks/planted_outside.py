@@ -16,7 +16,10 @@ drawn once and shared by all three, blurred ones and random-colour ones apart:
 - ``inside only``: the same mask with everything outside the pattern set to 0;
 - ``pattern box``: 1 on the pattern, 0 elsewhere.
 
-A last table gives each class's mean true-class mask per seed. ``--start-empty B``: the masking
+A last table gives each class's mean true-class mask per seed, and one more the class filter's
+spatial gate ``sigmoid(X_ij^T C_c)`` for the true class on the coarsest map: its mean on the cells
+that touch the pattern and on the others, and the share of the others above 0.5 (does the gate of
+a class whose masks fill the image open everywhere?). ``--start-empty B``: the masking
 model starts from masks near empty (the head's second channel biased by ``B``, so that
 ``|c0| / (|c0| + |c1|)`` begins small), through ``init_from``.
 
@@ -57,6 +60,19 @@ def objective_terms(objective, classifier, images, masks, labels, alternatives, 
     return out
 
 
+def true_class_gate(explainer, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The class filter's gate ``sigmoid(X_ij^T C_c)`` for each image's ``labels``, ``(N, 1, h, w)``."""
+    seen = []
+    hook = explainer.masking_model.feature_filter.register_forward_hook(
+        lambda module, inputs, output: seen.append(output[1].float()))
+    try:
+        with torch.no_grad():
+            explainer(images, labels)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
@@ -86,7 +102,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     timing = training.measure_parts
     training.measure_parts = lambda *a, **k: PartPrecision(True, True, True)  # bbb, as planted_precision
-    saved = {}
+    saved, gates = {}, {}
     try:
         for seed in seeds:
             start = None
@@ -106,6 +122,7 @@ def main() -> None:
             # mean over images of each pixel where it lies outside that image's pattern
             outside_mean = (learned * ~inside).sum(0) / (~inside).sum(0).clamp_min(1)
             saved[seed] = learned
+            gates[seed] = true_class_gate(explainer, test.images, test.labels)
             described = (f"{outside.mean():.3f} / {outside.median():.3f} / {(outside > 0.5).float().mean():.3f} / "
                          f"{outside_mean.max():.3f}",
                          f"{learned[inside].mean():.3f}")
@@ -128,6 +145,15 @@ def main() -> None:
         mean = masks.flatten(1).mean(1)
         print(f"| {seed} | {(mean > 0.5).float().mean():.2f} | "
               + " | ".join(f"{mean[test.labels == c].mean():.3f}" for c in range(4)) + " |")
+    print("\n| seed | class | gate on the pattern's cells | gate elsewhere | share of other cells with gate > 0.5 |")
+    print("| --- | --- | --- | --- | --- |")
+    for seed, gate in gates.items():
+        cells = F.adaptive_max_pool2d(inside_boxes(test.boxes, *test.images.shape[-2:]).float(),
+                                      gate.shape[-2:]) > 0
+        for c in range(4):
+            rows = test.labels == c
+            on, off = gate[rows][cells[rows]], gate[rows][~cells[rows]]
+            print(f"| {seed} | {c} | {on.mean():.3f} | {off.mean():.3f} | {(off > 0.5).float().mean():.3f} |")
     if args.save:
         torch.save({"images": test.images, "boxes": test.boxes, "labels": test.labels, "masks": saved}, args.save)
 
