@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from datetime import date
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from blackbox_saliency.evidence import blur_sigma_for
+from blackbox_saliency._precision import describe_cpu
 
 
 def blur_passes(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -55,7 +55,7 @@ def main() -> None:
     images = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     sigma = blur_sigma_for(args.size, args.size)
     print(f"Command: `python benchmarks/blur_precision.py --images {args.images} --size {args.size} --threads "
-          f"{args.threads}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch "
+          f"{args.threads}`; machine: {describe_cpu()} CPU, {torch.get_num_threads()} threads; torch "
           f"{torch.__version__}; date: {date.today()}\n")
     print("| blur of the alternative image, grouped convolution | seconds |")
     print("| --- | --- |")

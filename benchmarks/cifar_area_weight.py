@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from train_cifar10 import augment, evaluate_explainer, heldout_split, load_pack,
 
 from blackbox_saliency import SaliencyObjective, fit_explainer  # noqa: E402
 from blackbox_saliency.classifiers import CifarResNet  # noqa: E402
+from blackbox_saliency._precision import describe_cpu  # noqa: E402
 
 VARIANTS = {
     "hinge, area 8 (authors' weights)": {},
@@ -76,7 +76,7 @@ def main() -> None:
         acc = sum((classifier(normalise(test_x[i : i + 1000])).argmax(1) == test_y[i : i + 1000]).sum().item()
                   for i in range(0, 10000, 1000)) / 10000
         margins = classifier(normalise(images[heldout_rows[:1000]])).topk(2, 1).values
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; classifier "
+    print(f"machine: {describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}; classifier "
           f"test accuracy {acc:.3f}, median top-2 logit gap {(margins[:, 0] - margins[:, 1]).median():.2f}; "
           f"{args.steps} explainer steps of batch 64\n")
     print("| objective | saliency metric | area, true class | area, absent class | p original | p preserved | p removed | s |")

@@ -18,7 +18,6 @@ and date.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from datetime import date
@@ -30,6 +29,7 @@ from blackbox_saliency import Explainer, load_classifier
 from blackbox_saliency.baselines import BASELINES
 from blackbox_saliency.datasets import ImageNetSamples, extract_pack, imagenet_wnid_to_index
 from blackbox_saliency.metrics import saliency_metric
+from blackbox_saliency._precision import describe_cpu
 from evaluate import probabilities  # benchmarks/evaluate.py, beside this script
 
 
@@ -77,7 +77,7 @@ def main() -> None:
             rows.append(f"| {part} | {int(rows_mask.sum())} | `{name}` | {score(true_masks):.3f} | "
                         f"{true_masks[rows_mask].mean():.3f} | {absent_masks[rows_mask].mean():.3f} | {kept:.3f} | {removed:.3f} |")
     command = "python benchmarks/class_coverage.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"Command: `{command}`  \nMachine: {platform.machine()}, {torch.get_num_threads()} CPU threads, "
+    print(f"Command: `{command}`  \nMachine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, "
           f"torch {torch.__version__}; date: {date.today()}.\n")
     print("| images | count | method | saliency metric | mean mask, true class | mean mask, absent class "
           "| p preserved | p removed |")

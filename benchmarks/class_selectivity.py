@@ -18,7 +18,6 @@ inside and outside the pattern, and the mean mask for the true class and for an 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 
@@ -26,6 +25,7 @@ import torch
 
 from blackbox_saliency import fit_explainer
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, inside_boxes, mask_boxes, train_pattern_cnn
+from blackbox_saliency._precision import describe_cpu
 
 VARIANTS = {
     "paper's filter (bottleneck only), sampled embedding loss": {"class_filter": "bottleneck", "embedding_loss": "sampled"},
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     only = f' --only "{args.only}"' if args.only else ""
     print(f"Command: `python benchmarks/class_selectivity.py --steps {args.steps} --embedding-steps "
-          f"{args.embedding_steps} --precision {args.precision}{only}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; "
+          f"{args.embedding_steps} --precision {args.precision}{only}`; machine: {describe_cpu()} CPU, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}; date: {date.today()}\n")
     print("| task | variant | hit rate (IoU > 0.5) | centroid in pattern | mask inside / outside | "
           "mean mask, true class | mean mask, absent class | train s |")

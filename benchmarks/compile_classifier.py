@@ -13,7 +13,6 @@ the compiled rows also give the first call's time (the compilation).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from datetime import date
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from precision_parts import seconds_per_pass, set_up_timing  # noqa: E402  (same warm-up and timing)
 
-from blackbox_saliency._precision import classifier_pass  # noqa: E402
+from blackbox_saliency._precision import classifier_pass, describe_cpu  # noqa: E402
 from blackbox_saliency.classifiers import CifarResNet  # noqa: E402
 
 
@@ -40,7 +39,7 @@ def main() -> None:
         p.requires_grad_(False)
     images = torch.randn(args.batch, 3, 32, 32)
     print(f"Command: `python benchmarks/compile_classifier.py --threads {torch.get_num_threads()} --batch {args.batch} "
-          f"--repeats {args.repeats}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; "
+          f"--repeats {args.repeats}`; machine: {describe_cpu()} CPU, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}; date: {date.today()}\n")
     print("| layout | precision | eager images/s | compiled images/s | first compiled call (s) |")
     print("| --- | --- | --- | --- | --- |")

@@ -22,7 +22,6 @@ same explainer; ``BLACKBOX_SALIENCY_MALLOC=default`` keeps glibc's behaviour.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
@@ -41,6 +40,7 @@ from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
 from blackbox_saliency.pretrained import pretrained_for
 from blackbox_saliency.metrics import deletion_auc, insertion_auc, localisation_error, pointing_game, saliency_metric
 from blackbox_saliency.visualize import denormalize, overlay, to_pil
+from blackbox_saliency._precision import describe_cpu
 
 
 def load_data(args, model, preprocess):
@@ -165,7 +165,7 @@ def main() -> None:
         f"{args.faithfulness_steps} steps.",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+        f"Machine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
         f"{'; freed memory kept in the heap (keep_freed_memory)' if heap else ''}; date: {date.today()}.",
         "",
         "| method | localisation error (%) | pointing game (%) | saliency metric | deletion AUC | insertion AUC | mean area "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import shlex
 import sys
 from datetime import date
@@ -20,6 +19,7 @@ from datetime import date
 import torch
 
 from blackbox_saliency import Explainer
+from blackbox_saliency._precision import describe_cpu
 
 OPTIONS = {
     "`channels_last=True`": {"channels_last": True},
@@ -50,7 +50,7 @@ def main() -> None:
     images = torch.randn(args.images, 3, 32, 32, device=args.device)
     ids = torch.arange(args.images, device=args.device) % 4
     lines = [f"Command: `python benchmarks/inference_options.py {shlex.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()} {args.device}, torch {torch.__version__}; date: {date.today()}.", "",
+             f"Machine: {describe_cpu()} {args.device}, torch {torch.__version__}; date: {date.today()}.", "",
              "| option | max abs difference from float32 |", "| --- | --- |"]
     for name, options in OPTIONS.items():
         if "compile" in options and not args.compile:

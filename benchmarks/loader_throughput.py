@@ -17,7 +17,6 @@ The first batch of each is not timed (worker start-up, first allocation).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet
+from blackbox_saliency._precision import describe_cpu
 
 
 def per_item_rate(data: TinyImageNet, size: int, batch: int, batches: int, workers: int) -> float:
@@ -82,7 +82,7 @@ def main() -> None:
     data.transform = None
     decode, batched = decoded_rates(data, args.size, args.batch, args.batches, min(args.decode_images, len(data)))
     print(f"Tiny ImageNet train images ({len(data)} in the pack) at {args.size} px, batch {args.batch}, "
-          f"{args.batches} timed batches; {platform.machine()} CPU, {torch.get_num_threads()} threads; "
+          f"{args.batches} timed batches; {describe_cpu()} CPU, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}; date: {date.today()}\n")
     print("| data path | images/s |")
     print("| --- | --- |")

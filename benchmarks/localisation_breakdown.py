@@ -17,7 +17,6 @@ classifier's prediction, and the mean area of the mask's box against the ground 
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from datetime import date
@@ -31,6 +30,7 @@ from evaluate import check_explainer_args, load_data  # noqa: E402  (same images
 from blackbox_saliency import Explainer, load_classifier  # noqa: E402
 from blackbox_saliency.baselines import centre_box  # noqa: E402
 from blackbox_saliency.metrics import localisation_error, tightest_box  # noqa: E402
+from blackbox_saliency._precision import describe_cpu  # noqa: E402
 
 
 def group_rows(hits: torch.Tensor, centre_hits: torch.Tensor,
@@ -82,7 +82,7 @@ def main() -> None:
         f"them: {right.float().mean():.3f}); ground-truth box area {gt_area.mean():.3f} of the image on average.",
         "",
         f"Command: `python benchmarks/localisation_breakdown.py {shlex.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+        f"Machine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
         f"date: {date.today()}.",
     ]
     for folder in args.explainer:

@@ -9,7 +9,6 @@ before and after, and the size of the inputs and the masks themselves.
 """
 
 import argparse
-import platform
 import resource
 import time
 from datetime import date
@@ -17,6 +16,7 @@ from datetime import date
 import torch
 
 from blackbox_saliency import Explainer, explain
+from blackbox_saliency._precision import describe_cpu
 
 
 def peak_mib() -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     mib = lambda t: t.numel() * t.element_size() / 2**20  # noqa: E731
     print(f"{args.images} images at 224 px, batch_size {args.batch_size}: peak RSS {before:.0f} MiB before explain, "
           f"{after:.0f} MiB after (+{after - before:.0f} MiB); inputs {mib(images):.0f} MiB, masks {mib(masks):.0f} MiB; "
-          f"{args.images / seconds:.1f} masks/s. Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"{args.images / seconds:.1f} masks/s. Machine: {describe_cpu()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {date.today()}.")
 
 

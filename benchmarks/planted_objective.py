@@ -10,13 +10,13 @@ the planted patch, and the mean mask for the true class and for an absent class.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 from blackbox_saliency import SaliencyObjective, fit_explainer
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
+from blackbox_saliency._precision import describe_cpu
 
 VARIANTS = {
     "default (hinge, area 8*mean((M+5e-4)^0.3), TV 10)": ({}, {}),
@@ -41,7 +41,7 @@ def main() -> None:
     train, test = PlantedPatterns(args.train, patch=12, seed=args.seed), PlantedPatterns(300, patch=12, seed=args.seed + 1)
     classifier = PatternClassifier(patch=12)
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    print(f"machine: {platform.machine()} {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}; "
+    print(f"machine: {describe_cpu()} {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}; "
           f"{args.train} training images, {args.steps} steps of batch 64, 300 test images\n")
     print("| objective | hit rate (IoU > 0.5) | mean mask, true class | mean mask, absent class | train s |")
     print("| --- | --- | --- | --- | --- |")

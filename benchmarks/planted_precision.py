@@ -19,7 +19,6 @@ there otherwise. Needs a CPU with native bf16 for ``b`` to mean bf16.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 
@@ -27,7 +26,7 @@ import torch
 
 import blackbox_saliency.training as training
 from blackbox_saliency import fit_explainer
-from blackbox_saliency._precision import PartPrecision
+from blackbox_saliency._precision import PartPrecision, describe_cpu
 from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_pattern_cnn
 
 ENCODER = {"encoder": "small", "encoder_kwargs": {"widths": [16, 32, 64]}}
@@ -64,7 +63,7 @@ def main() -> None:
     train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
     test = PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11)
     classifier = train_pattern_cnn(train, steps=400)
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+    print(f"Machine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
           f"date: {date.today()}; freeze_embedding={freeze}, "
           f"presence_weight={args.presence_weight:g}, embedding_steps={args.embedding_steps}, steps={args.steps}"
           + (f", mask_reduction={args.mask_reduction}" if args.mask_reduction else "") + ".\n")

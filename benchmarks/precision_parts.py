@@ -22,14 +22,13 @@ Inputs are random pixels: speed does not depend on them.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 
 import torch
 
 from blackbox_saliency import Explainer
-from blackbox_saliency._precision import classifier_pass, embedding_pass, masking_pass
+from blackbox_saliency._precision import classifier_pass, describe_cpu, embedding_pass, masking_pass
 from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.classifiers import CifarResNet
 from blackbox_saliency.encoders import classifier_features
@@ -102,7 +101,7 @@ def main() -> None:
             rows.append((part, precision, "channels-last" if channels_last else "default", batch / seconds_per_pass(step, args.repeats)))
 
     setup = f"EfficientNet-Lite0, {size} px" if args.setup == "lite0" else "CIFAR-10 ResNet-9 and small encoder, 32 px"
-    print(f"{setup}, batch {batch}; {platform.machine()} CPU, {torch.get_num_threads()} threads; "
+    print(f"{setup}, batch {batch}; {describe_cpu()} CPU, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}; {args.repeats} timed passes after 2 warm-up; date: {date.today()}\n")
     print("| part | precision | layout | images/s (forward + backward) |")
     print("| --- | --- | --- | --- |")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 from argparse import Namespace
 from datetime import date
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from blackbox_saliency import Explainer, load_classifier
 from blackbox_saliency._blackbox import head_weight
 from blackbox_saliency.encoders import classifier_features
+from blackbox_saliency._precision import describe_cpu
 
 from evaluate import load_data
 
@@ -125,7 +125,7 @@ def main() -> None:
     for name, explainer in list(explainers.items()):
         for t in args.std_threshold:
             explainers[f"{name}, standardised at {t:g}"] = standardised(explainer, t)
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+    print(f"Machine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
           f"date: {date.today()}.\n")
     header = None
     for data, pack in (("imagenet-samples", args.imagenet_pack), ("tiny-val", args.tiny_pack)):

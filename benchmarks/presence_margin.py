@@ -15,7 +15,6 @@ empty masks for the true class against masks for absent ones.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from argparse import Namespace
@@ -27,6 +26,7 @@ from torchvision import transforms
 
 from blackbox_saliency import Explainer, load_classifier
 from blackbox_saliency.datasets import TinyImageNet
+from blackbox_saliency._precision import describe_cpu
 
 from evaluate import check_explainer_args, load_data
 
@@ -88,7 +88,7 @@ def main() -> None:
     centre_on = torch.stack([train[i][0] for i in order.tolist()])
 
     print("Command: `python benchmarks/presence_margin.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "`  ")
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+    print(f"Machine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
           f"date: {date.today()}.\n")
     print("| scores | reference | true class: mean mask | true class: empty masks | absent class: mean mask | absent / true |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -23,7 +23,6 @@ centre box on each, paired.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from datetime import date
@@ -37,6 +36,7 @@ from evaluate import check_explainer_args, load_data  # noqa: E402  (same images
 from blackbox_saliency import Explainer, explain, load_classifier  # noqa: E402
 from blackbox_saliency.baselines import BASELINES  # noqa: E402
 from blackbox_saliency.metrics import saliency_metric  # noqa: E402
+from blackbox_saliency._precision import describe_cpu  # noqa: E402
 
 
 def bootstrap_interval(values: torch.Tensor, resamples: int, generator: torch.Generator) -> tuple[float, float]:
@@ -121,7 +121,7 @@ def main() -> None:
         f"Classifier `{args.classifier}` on {len(images)} images of `{args.data}`; {args.resamples} bootstrap resamples.",
         "",
         f"Command: `python benchmarks/saliency_interval.py {shlex.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+        f"Machine: {describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
         f"date: {date.today()}.",
         "",
         "| method | saliency metric (95% interval) | "

@@ -18,7 +18,6 @@ says which).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 
@@ -28,6 +27,7 @@ import torch
 from blackbox_saliency import Explainer, explain
 from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.baselines import grad_cam, gradient_saliency
+from blackbox_saliency._precision import describe_cpu
 
 
 def sync(device: str) -> None:
@@ -97,7 +97,7 @@ def main() -> None:
     optimise = lambda x: explain(classifier, x, ids[: x.shape[0]], method="optimize", steps=args.optimize_steps)  # noqa: E731
     rows.append((f"iterative mask, {args.optimize_steps} steps", rate(optimise, images, device, 1), None))
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{describe_cpu()} CPU, {torch.get_num_threads()} threads"
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (False, None)]
     print(f"Command: `python benchmarks/speed.py {' '.join(flags)}`  ")
     allocator = {True: "; freed memory kept in the heap (keep_freed_memory)",

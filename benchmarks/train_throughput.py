@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 from datetime import date
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from blackbox_saliency import fit_explainer
 from blackbox_saliency.classifiers import CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet, cifar10
 from blackbox_saliency.encoders import classifier_features
+from blackbox_saliency._precision import describe_cpu
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -165,7 +165,7 @@ def main() -> None:
         rows.append((f"CIFAR-10 variant as hub/train_cifar10.py trains it (encoder 32/64/128 fixed after the "
                      f"embedding stage), mask stage, {name}{chosen}", 64, rate, peak))
 
-    device = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if gpu else f"{describe_cpu()} CPU, {torch.get_num_threads()} threads"
     def value(v) -> str:  # as typed on the command line
         if isinstance(v, list):
             return " ".join("/".join(map(str, x)) if isinstance(x, list) else str(x) for x in v)

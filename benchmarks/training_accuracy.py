@@ -15,7 +15,6 @@ keeps. Prints a markdown table with the command, machine and date.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from datetime import date
@@ -25,6 +24,7 @@ import torch
 
 from blackbox_saliency import load_classifier
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet
+from blackbox_saliency._precision import describe_cpu
 
 
 def measure(classifier, decoded: DecodedImages, batch: int = 100) -> dict[str, float]:
@@ -68,7 +68,7 @@ def main() -> None:
         decoded = DecodedImages.decode(sample, size, mean, std, crop_scale=crop, progress=False)
         rows.append((size, crop, measure(classifier, decoded)))
     print(f"Command: `python benchmarks/training_accuracy.py {shlex.join(sys.argv[1:])}`; machine: "
-          f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}\n")
+          f"{describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}\n")
     print(f"| input ({len(order)} training images) | top-1 | margin >= 1 | mean p(label) |")
     print("| --- | --- | --- | --- |")
     for size, crop, values in rows:

@@ -11,6 +11,7 @@ whichever precision is faster.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +20,31 @@ import torch
 from torch import nn
 
 logger = logging.getLogger("blackbox_saliency.training")
+
+def describe_cpu() -> str:
+    """The CPU's model and what decides bf16 autocast's speed on it, for benchmark headers: e.g.
+    ``"Intel(R) Xeon(R) ... (AVX512, AMX-BF16)"`` or ``"AMD EPYC (AVX2)"``. The same command
+    measures differently on the two (no AMX: bf16 is emulated), so a figure names which ran it.
+
+    Example:
+        >>> describe_cpu().endswith(")")
+        True
+    """
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux: the platform's own name, without the flags
+        pass
+    features = [torch.backends.cpu.get_cpu_capability()]
+    features += [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return f"{name or platform.processor() or platform.machine()} ({', '.join(features)})"
+
 
 # bf16 must beat float32 by this much to be chosen: a near tie keeps float32, so that the choice
 # does not flip with the machine's load between two runs of the same command.

@@ -15,7 +15,6 @@ trained; it takes seconds.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from datetime import date
@@ -26,6 +25,7 @@ from torchvision import transforms
 
 from blackbox_saliency import Explainer
 from blackbox_saliency.datasets import TinyImageNet
+from blackbox_saliency._precision import describe_cpu
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
             "command": "python hub/centre_presence.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "from": f"{args.explainer} (uncentred)",
             "date": str(date.today()),
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            "machine": f"{describe_cpu()} CPU, {torch.get_num_threads()} threads",
             "images": f"{args.images} Tiny ImageNet train images from {args.pack.name} (seed {args.seed}), "
                       f"resized whole to {args.size} px",
             "reference": reference,

@@ -31,7 +31,6 @@ import os
 import io
 import json
 import logging
-import platform
 import shlex
 import sys
 import tarfile
@@ -50,6 +49,7 @@ from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.datasets import DecodedImages
 from blackbox_saliency.classifiers import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.metrics import saliency_metric
+from blackbox_saliency._precision import describe_cpu
 
 # name -> (SaliencyObjective fields, other fit_explainer arguments); compared in docs/objective.md
 # ("CIFAR-10 on the corrected split"). With the library's defaults the masks collapse to nothing.
@@ -232,7 +232,7 @@ def train_classifier(data, out: Path, epochs: int, device: str, seed: int, check
                            "schedule": "one-cycle, max lr 0.2", "label_smoothing": 0.1, "seed": seed,
                            "augment": "random crop (pad 4, reflect) + flip", "bf16": _bf16(device),
                            "seconds": round(time.time() - start),
-                           "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, "
+                           "device": torch.cuda.get_device_name() if device == "cuda" else f"{describe_cpu()} CPU, "
                                      f"{torch.get_num_threads()} threads"}}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "train.log").write_text("\n".join(log) + "\n")
@@ -311,7 +311,7 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer.config.training["seconds"] = round(seconds)
     explainer.config.training["device"] = (
         f"{os.environ.get('WORLD_SIZE', '1')} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+        else f"{describe_cpu()} CPU, {torch.get_num_threads()} threads")
     explainer.config.training["date"] = str(date.today())
     explainer.config.training["command"] = " ".join(["python hub/train_cifar10.py", *map(shlex.quote, sys.argv[1:])])
     explainer.config.evaluation = {

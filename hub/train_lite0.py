@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -61,6 +60,7 @@ from blackbox_saliency.baselines import centre_box
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet, scale_boxes
 from blackbox_saliency.encoders import classifier_features
 from blackbox_saliency.metrics import localisation_error
+from blackbox_saliency._precision import describe_cpu
 
 logger = logging.getLogger("train_lite0")
 
@@ -210,7 +210,7 @@ def main() -> None:
         f"{args.crop_scale[1]:.2f} of the area resized to {args.size} px; class to explain: {args.class_source}"
         + (f" (embedding stage: {args.embedding_class_source})" if args.embedding_class_source else ""))
     explainer.config.training.update(
-        seconds=round(seconds), machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({device})",
+        seconds=round(seconds), machine=f"{describe_cpu()} CPU, {torch.get_num_threads()} threads ({device})",
         date=str(date.today()),
         command=" ".join(["python hub/train_lite0.py", *map(shlex.quote, sys.argv[1:])]))
     explainer.config.evaluation = {"data": "Tiny ImageNet val (never trained on), ground-truth label", "results": scores}
