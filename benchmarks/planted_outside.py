@@ -21,7 +21,15 @@ spatial gate ``sigmoid(X_ij^T C_c)`` for the true class on the coarsest map: its
 that touch the pattern and on the others, and the share of the others above 0.5 (does the gate of
 a class whose masks fill the image open everywhere?). ``--start-empty B``: the masking
 model starts from masks near empty (the head's second channel biased by ``B``, so that
-``|c0| / (|c0| + |c1|)`` begins small), through ``init_from``.
+``|c0| / (|c0| + |c1|)`` begins small), through ``init_from``. ``--gate-weight W``: an experiment,
+not a library option: the embedding stage's presence loss gains ``W`` times the true class's mean
+gate, over every cell (``--gate-cells all``) or every cell but the image's highest
+(``off-max``), to ask the gate to close off the evidence. ``--stretch-gate``: another, in the
+mask stage: each image's gate becomes ``a_max * (a - a_min) / (a_max - a_min)`` (its highest
+cell keeps its level, so an absent class stays shut; its lowest goes to 0), to see whether
+more contrast in the gate stops the collapse (the gate table then shows the stretched gate). ``--area-power P``: train (and score) with the
+area term's power ``P`` instead of 0.3 (1 is the paper's plain mean, whose pull does not
+weaken as the mask fills).
 
 If ``inside only`` or ``pattern box`` has the lower objective, a loose run stopped in a worse
 place than the objective allows (an optimisation problem); if the learned mask is lower, the
@@ -33,7 +41,6 @@ resolution the explainer produces them at in training.
 from __future__ import annotations
 
 import argparse
-import platform
 from datetime import date
 
 import torch
@@ -41,8 +48,9 @@ import torch.nn.functional as F
 
 import blackbox_saliency.training as training
 from blackbox_saliency import Explainer, fit_explainer
-from blackbox_saliency._precision import PartPrecision
+from blackbox_saliency._precision import PartPrecision, describe_cpu
 from blackbox_saliency.evidence import alternative_image
+from blackbox_saliency.masking_model import FeatureFilter
 from blackbox_saliency.objective import SaliencyObjective
 from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_pattern_cnn
 
@@ -73,6 +81,45 @@ def true_class_gate(explainer, images: torch.Tensor, labels: torch.Tensor) -> to
     return seen[0]
 
 
+def gate_penalised_embedding_loss(weight: float, cells: str):
+    """``training._embedding_loss`` plus ``weight`` times the labelled class's mean gate
+    ``sigmoid(X_ij^T C_c)`` over ``cells`` ("all", or "off-max": all but each image's highest)."""
+
+    def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL):
+        images, labels = training._flip_and_select(classifier, images, labels, settings, shard)
+        predicted = None
+        if training._predictions_present(settings):
+            with torch.no_grad():
+                predicted = classifier(images).argmax(1)
+        masking_model = model.explainer.masking_model
+        features = masking_model._features(images)[-1]
+        presence = training.presence_loss(masking_model.feature_filter.class_logits(features).float(),
+                                          labels, predicted)
+        gate = masking_model.feature_filter(features, labels)[1].float().flatten(1)
+        if cells == "off-max":
+            keep = torch.ones_like(gate).scatter_(1, gate.argmax(1, keepdim=True), 0.0)
+            gate_term = (gate * keep).sum(1) / keep.sum(1)
+        else:
+            gate_term = gate.mean(1)
+        loss = presence + weight * gate_term.mean()
+        return loss, {"embed": presence.detach(), "gate": gate_term.mean().detach(), "loss": loss.detach()}, 0
+
+    return loss_fn
+
+
+def stretch_gate(forward):
+    """``FeatureFilter.forward`` with each image's gate stretched to ``a_max * (a - a_min) / (a_max - a_min)``."""
+
+    def stretched_forward(self, features, class_ids):
+        _, gate, presence = forward(self, features, class_ids)
+        flat = gate.flatten(1)
+        high, low = flat.amax(1)[:, None, None, None], flat.amin(1)[:, None, None, None]
+        gate = high * (gate - low) / (high - low).clamp_min(1e-6)
+        return features * gate, gate, presence
+
+    return stretched_forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
@@ -81,6 +128,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--start-empty", type=float, default=None, metavar="B",
                         help="bias the head's second channel by B at the start (masks begin near empty)")
+    parser.add_argument("--gate-weight", type=float, default=None, metavar="W",
+                        help="add W x the true class's mean gate to the embedding stage's loss (an experiment)")
+    parser.add_argument("--gate-cells", choices=("all", "off-max"), default="all",
+                        help="cells the gate penalty averages over (with --gate-weight)")
+    parser.add_argument("--stretch-gate", action="store_true",
+                        help="stretch each image's gate between its lowest and highest cell (an experiment)")
+    parser.add_argument("--area-power", type=float, default=None, metavar="P",
+                        help="the area term's power (default: the objective's, 0.3)")
     parser.add_argument("--save", default=None, help="torch.save the held-out images, boxes and each seed's masks here")
     args = parser.parse_args()
     try:
@@ -92,16 +147,26 @@ def main() -> None:
     train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
     test = PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11)
     classifier = train_pattern_cnn(train, steps=400)
-    objective = SaliencyObjective()
-    start_empty = f" --start-empty {args.start_empty:g}" if args.start_empty is not None else ""
+    objective = SaliencyObjective() if args.area_power is None else SaliencyObjective(area_power=args.area_power)
+    options = f" --start-empty {args.start_empty:g}" if args.start_empty is not None else ""
+    if args.gate_weight is not None:
+        options += f" --gate-weight {args.gate_weight:g} --gate-cells {args.gate_cells}"
+    options += " --stretch-gate" if args.stretch_gate else ""
+    options += f" --area-power {args.area_power:g}" if args.area_power is not None else ""
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
-          f"--embedding-steps {args.embedding_steps}{start_empty}`; machine: {platform.machine()}, {torch.get_num_threads()} CPU "
+          f"--embedding-steps {args.embedding_steps}{options}`; machine: {describe_cpu()}, {torch.get_num_threads()} CPU "
           f"threads, torch {torch.__version__}; date: {date.today()}.\n")
     print("| seed | outside: mean / median / share > 0.5 / max of the mean over images | inside | alternative | mask | preserve | destroy "
           "| area | tv | total |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     timing = training.measure_parts
     training.measure_parts = lambda *a, **k: PartPrecision(True, True, True)  # bbb, as planted_precision
+    embedding_loss = training._embedding_loss
+    if args.gate_weight is not None:
+        training._embedding_loss = gate_penalised_embedding_loss(args.gate_weight, args.gate_cells)
+    filter_forward = FeatureFilter.forward
+    if args.stretch_gate:
+        FeatureFilter.forward = stretch_gate(filter_forward)
     saved, gates = {}, {}
     try:
         for seed in seeds:
@@ -114,7 +179,8 @@ def main() -> None:
             explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
                                       embedding_steps=args.embedding_steps, seed=seed, progress=False,
                                       precision="auto", freeze_embedding=True, encoder="small",
-                                      encoder_kwargs={"widths": [16, 32, 64]}, init_from=start).eval()
+                                      encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
+                                      objective=objective).eval()
             with torch.no_grad():
                 learned = explainer(test.images, test.labels).float()
             inside = inside_boxes(test.boxes, *learned.shape[-2:])
@@ -138,6 +204,8 @@ def main() -> None:
                           f"{t['destroy']:.3f} | {t['area']:.3f} | {t['tv']:.3f} | {t['total']:.3f} |", flush=True)
     finally:
         training.measure_parts = timing
+        training._embedding_loss = embedding_loss
+        FeatureFilter.forward = filter_forward
     # a loose run: one class's masks fill the image (benchmarks' 2026-12-03 finding), or a spread?
     print("\n| seed | share of images with mean mask > 0.5 | " + " | ".join(f"class {c}" for c in range(4)) + " |")
     print("| --- | --- |" + " --- |" * 4)
