@@ -24,7 +24,10 @@ model starts from masks near empty (the head's second channel biased by ``B``, s
 ``|c0| / (|c0| + |c1|)`` begins small), through ``init_from``. ``--gate-weight W``: an experiment,
 not a library option: the embedding stage's presence loss gains ``W`` times the true class's mean
 gate, over every cell (``--gate-cells all``) or every cell but the image's highest
-(``off-max``), to ask the gate to close off the evidence. ``--stretch-gate``: another, in the
+(``off-max``), to ask the gate to close off the evidence; or, with ``--gate-cells margin``,
+``W * softplus(M - (max_ij s_ij - median_ij s_ij))`` of the true class's scores ``s_ij =
+X_ij^T C_c`` (``M``: ``--contrast-margin``), which asks for contrast without pulling the
+highest cell down. ``--stretch-gate``: another, in the
 mask stage: each image's gate becomes ``a_max * (a - a_min) / (a_max - a_min)`` (its highest
 cell keeps its level, so an absent class stays shut; its lowest goes to 0), to see whether
 more contrast in the gate stops the collapse (the gate table then shows the stretched gate). ``--area-power P``: train (and score) with the
@@ -81,9 +84,10 @@ def true_class_gate(explainer, images: torch.Tensor, labels: torch.Tensor) -> to
     return seen[0]
 
 
-def gate_penalised_embedding_loss(weight: float, cells: str):
+def gate_penalised_embedding_loss(weight: float, cells: str, margin: float = 6.0):
     """``training._embedding_loss`` plus ``weight`` times the labelled class's mean gate
-    ``sigmoid(X_ij^T C_c)`` over ``cells`` ("all", or "off-max": all but each image's highest)."""
+    ``sigmoid(X_ij^T C_c)`` over ``cells`` ("all", or "off-max": all but each image's highest),
+    or (``cells="margin"``) times ``softplus(margin - (max - median))`` of its scores ``X_ij^T C_c``."""
 
     def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL):
         images, labels = training._flip_and_select(classifier, images, labels, settings, shard)
@@ -96,7 +100,11 @@ def gate_penalised_embedding_loss(weight: float, cells: str):
         presence = training.presence_loss(masking_model.feature_filter.class_logits(features).float(),
                                           labels, predicted)
         gate = masking_model.feature_filter(features, labels)[1].float().flatten(1)
-        if cells == "off-max":
+        if cells == "margin":
+            scores = torch.einsum("nchw,nc->nhw", features, masking_model.feature_filter.embeddings(labels)
+                                  .to(features.dtype)).float().flatten(1)
+            gate_term = F.softplus(margin - (scores.amax(1) - scores.median(1).values))
+        elif cells == "off-max":
             keep = torch.ones_like(gate).scatter_(1, gate.argmax(1, keepdim=True), 0.0)
             gate_term = (gate * keep).sum(1) / keep.sum(1)
         else:
@@ -130,8 +138,10 @@ def main() -> None:
                         help="bias the head's second channel by B at the start (masks begin near empty)")
     parser.add_argument("--gate-weight", type=float, default=None, metavar="W",
                         help="add W x the true class's mean gate to the embedding stage's loss (an experiment)")
-    parser.add_argument("--gate-cells", choices=("all", "off-max"), default="all",
+    parser.add_argument("--gate-cells", choices=("all", "off-max", "margin"), default="all",
                         help="cells the gate penalty averages over (with --gate-weight)")
+    parser.add_argument("--contrast-margin", type=float, default=6.0, metavar="M",
+                        help="with --gate-cells margin: the score margin asked between the highest cell and the median")
     parser.add_argument("--stretch-gate", action="store_true",
                         help="stretch each image's gate between its lowest and highest cell (an experiment)")
     parser.add_argument("--area-power", type=float, default=None, metavar="P",
@@ -151,6 +161,7 @@ def main() -> None:
     options = f" --start-empty {args.start_empty:g}" if args.start_empty is not None else ""
     if args.gate_weight is not None:
         options += f" --gate-weight {args.gate_weight:g} --gate-cells {args.gate_cells}"
+        options += f" --contrast-margin {args.contrast_margin:g}" if args.gate_cells == "margin" else ""
     options += " --stretch-gate" if args.stretch_gate else ""
     options += f" --area-power {args.area_power:g}" if args.area_power is not None else ""
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
@@ -163,7 +174,8 @@ def main() -> None:
     training.measure_parts = lambda *a, **k: PartPrecision(True, True, True)  # bbb, as planted_precision
     embedding_loss = training._embedding_loss
     if args.gate_weight is not None:
-        training._embedding_loss = gate_penalised_embedding_loss(args.gate_weight, args.gate_cells)
+        training._embedding_loss = gate_penalised_embedding_loss(args.gate_weight, args.gate_cells,
+                                                                args.contrast_margin)
     filter_forward = FeatureFilter.forward
     if args.stretch_gate:
         FeatureFilter.forward = stretch_gate(filter_forward)
