@@ -32,7 +32,8 @@ mask stage: each image's gate becomes ``a_max * (a - a_min) / (a_max - a_min)`` 
 cell keeps its level, so an absent class stays shut; its lowest goes to 0), to see whether
 more contrast in the gate stops the collapse (the gate table then shows the stretched gate). ``--area-power P``: train (and score) with the
 area term's power ``P`` instead of 0.3 (1 is the paper's plain mean, whose pull does not
-weaken as the mask fills).
+weaken as the mask fills). ``--area-controller T,G``: the area term weighted per class in the
+mask stage, more for a class whose running mean mask is above ``T`` (see :func:`area_controller`).
 
 If ``inside only`` or ``pattern box`` has the lower objective, a loose run stopped in a worse
 place than the objective allows (an optimisation problem); if the learned mask is lower, the
@@ -44,6 +45,9 @@ resolution the explainer produces them at in training.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import math
 from datetime import date
 
 import torch
@@ -53,7 +57,7 @@ import blackbox_saliency.training as training
 from blackbox_saliency import Explainer, fit_explainer
 from blackbox_saliency._precision import PartPrecision, describe_cpu
 from blackbox_saliency.evidence import alternative_image
-from blackbox_saliency.masking_model import FeatureFilter
+from blackbox_saliency.masking_model import FeatureFilter, MaskingModel
 from blackbox_saliency.objective import SaliencyObjective
 from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_pattern_cnn
 
@@ -128,6 +132,40 @@ def stretch_gate(forward):
     return stretched_forward
 
 
+@contextlib.contextmanager
+def area_controller(objective: SaliencyObjective, num_classes: int, threshold: float, gain: float,
+                    momentum: float = 0.9):
+    """A copy of ``objective`` whose area term is weighted per class (an experiment): class
+    ``c``'s by ``1 + gain * max(0, m_c - threshold) / (1 - threshold)``, ``m_c`` the running
+    mean (``momentum``) of the masks the mask stage has given class ``c`` so far, so a class whose
+    masks fill the image is pulled harder than one whose masks are small. The class ids reach the
+    area term through the masking model's forward, recorded here."""
+    controlled, running, seen = copy.copy(objective), torch.zeros(num_classes), {}
+    forward, regulariser = MaskingModel.forward, objective.regulariser_terms
+
+    def recording_forward(self, images, class_ids, class_logits=False):
+        seen["ids"] = class_ids
+        return forward(self, images, class_ids, class_logits)
+
+    def weighted_terms(masks):
+        terms = regulariser(masks)
+        ids = seen["ids"].cpu()
+        with torch.no_grad():
+            means = masks.detach().float().flatten(1).mean(1).cpu()
+            for c in ids.unique():
+                running[c] = momentum * running[c] + (1 - momentum) * means[ids == c].mean()
+        weight = 1 + gain * (running - threshold).clamp_min(0) / (1 - threshold)
+        terms["area"] = terms["area"] * weight[ids].to(terms["area"])
+        return terms
+
+    controlled.regulariser_terms = weighted_terms
+    MaskingModel.forward = recording_forward
+    try:
+        yield controlled
+    finally:
+        MaskingModel.forward = forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
@@ -142,6 +180,9 @@ def main() -> None:
                         help="cells the gate penalty averages over (with --gate-weight)")
     parser.add_argument("--contrast-margin", type=float, default=6.0, metavar="M",
                         help="with --gate-cells margin: the score margin asked between the highest cell and the median")
+    parser.add_argument("--area-controller", default=None, metavar="T,G",
+                        help="per-class area weight 1 + G * max(0, m_c - T) / (1 - T), m_c class c's running "
+                             "mean mask (an experiment)")
     parser.add_argument("--stretch-gate", action="store_true",
                         help="stretch each image's gate between its lowest and highest cell (an experiment)")
     parser.add_argument("--area-power", type=float, default=None, metavar="P",
@@ -152,6 +193,19 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as err:
         parser.error(f"--seeds: expected comma-separated ints ({err})")
+    for name, value, allowed, wanted in (("--gate-weight", args.gate_weight, lambda v: v >= 0, "a number >= 0"),
+                                         ("--contrast-margin", args.contrast_margin, lambda v: True, "a finite number"),
+                                         ("--area-power", args.area_power, lambda v: v > 0, "a positive number")):
+        if value is not None and not (math.isfinite(value) and allowed(value)):
+            parser.error(f"{name}: expected {wanted}, got {value!r}")
+    controller = None
+    if args.area_controller:
+        try:
+            controller = tuple(float(v) for v in args.area_controller.split(","))
+        except ValueError:
+            controller = ()
+        if len(controller) != 2 or not 0 <= controller[0] < 1 or controller[1] < 0:
+            parser.error(f"--area-controller: expected T,G with 0 <= T < 1 and G >= 0, got {args.area_controller!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
@@ -164,6 +218,7 @@ def main() -> None:
         options += f" --contrast-margin {args.contrast_margin:g}" if args.gate_cells == "margin" else ""
     options += " --stretch-gate" if args.stretch_gate else ""
     options += f" --area-power {args.area_power:g}" if args.area_power is not None else ""
+    options += f" --area-controller {args.area_controller}" if args.area_controller else ""
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
           f"--embedding-steps {args.embedding_steps}{options}`; machine: {describe_cpu()}, {torch.get_num_threads()} CPU "
           f"threads, torch {torch.__version__}; date: {date.today()}.\n")
@@ -188,11 +243,13 @@ def main() -> None:
                 start = Explainer(4, "small", encoder_kwargs={"widths": [16, 32, 64]})
                 with torch.no_grad():
                     start.masking_model.head.bias[1] += args.start_empty
-            explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
-                                      embedding_steps=args.embedding_steps, seed=seed, progress=False,
-                                      precision="auto", freeze_embedding=True, encoder="small",
-                                      encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
-                                      objective=objective).eval()
+            with (area_controller(objective, 4, *controller) if controller else
+                  contextlib.nullcontext(objective)) as train_objective:
+                explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
+                                          embedding_steps=args.embedding_steps, seed=seed, progress=False,
+                                          precision="auto", freeze_embedding=True, encoder="small",
+                                          encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
+                                          objective=train_objective).eval()
             with torch.no_grad():
                 learned = explainer(test.images, test.labels).float()
             inside = inside_boxes(test.boxes, *learned.shape[-2:])
