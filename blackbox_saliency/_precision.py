@@ -21,6 +21,7 @@ from torch import nn
 
 logger = logging.getLogger("blackbox_saliency.training")
 
+
 def describe_cpu() -> str:
     """The CPU's model and what decides bf16 autocast's speed on it, for benchmark headers: e.g.
     ``"Intel(R) Xeon(R) ... (AVX512, AMX-BF16)"`` or ``"AMD EPYC (AVX2)"``. The same command
