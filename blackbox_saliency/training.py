@@ -24,7 +24,7 @@ from ._blackbox import device_of, frozen, head_weight
 from .allocator import keep_freed_memory
 from ._validation import check_classifier, probe_classifier
 from ._distributed import LOCAL, BatchShard, ProcessGroup, join_process_group, sync_batchnorm, unsync_batchnorm
-from .evidence import alternative_image
+from .evidence import alternative_image, remove_evidence
 from .encoders import DEFAULT_ENCODER
 from ._checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from ._precision import PartPrecision, measure_parts, with_precision
@@ -55,6 +55,8 @@ class _Settings:
     embedding_steps: int | None = 0  # None: a quarter of the run, resolved when it starts
     freeze_embedding: bool | str = False
     presence_targets: str = "class"
+    removed_peak_weight: float = 0.0
+    removed_peak_cells: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -256,6 +258,8 @@ def fit_explainer(
     embedding_steps: int | None = None,
     freeze_embedding: bool | Literal["class_embedding"] = False,
     presence_targets: Literal["class", "class_and_prediction"] = "class",
+    removed_peak_weight: float = 0.0,
+    removed_peak_cells: int = 3,
     augment: bool = True,
     max_steps: int | None = None,
     checkpoint_every: int | None = None,
@@ -333,6 +337,17 @@ def fit_explainer(
             from the labels, and every other class the classifier names from its predictions,
             instead of learning that those classes are never present. Costs one classifier
             forward per batch. Applies to ``embedding_loss="all_classes"``.
+        removed_peak_weight: in the embedding stage, add this weight times a second presence
+            loss, on each image with the ``removed_peak_cells`` x ``removed_peak_cells`` cells
+            of the coarsest feature map around the class's highest score ``X_ij^T C_c``
+            replaced by an alternative image (as the destroy term removes a mask), whose target
+            is the classifier's own probability for the class on that image. The presence loss
+            trains only each image's highest cell, and leaves the class filter's gate open over
+            much of the background; this asks the cells left, once the classifier no longer
+            sees the class, to score it absent, tying the gate to what the classifier uses.
+            Costs one more encoder and classifier forward per embedding step. Measured on the
+            planted task with ``freeze_embedding=True`` (docs/fit.md): 1 keeps every class's
+            masks tight where the default lets one class's fill the image on most seeds.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
         num_workers: DataLoader worker processes decoding images (per process).
@@ -416,6 +431,13 @@ def fit_explainer(
         raise ValueError(f"class_source: expected 'label', 'prediction' or 'correct', got {class_source!r}")
     if presence_targets not in ("class", "class_and_prediction"):
         raise ValueError(f"presence_targets: expected 'class' or 'class_and_prediction', got {presence_targets!r}")
+    if (isinstance(removed_peak_weight, bool) or not isinstance(removed_peak_weight, (int, float))
+            or not math.isfinite(removed_peak_weight) or removed_peak_weight < 0):
+        raise ValueError(f"removed_peak_weight: expected a finite number >= 0, got {removed_peak_weight!r}")
+    if (isinstance(removed_peak_cells, bool) or not isinstance(removed_peak_cells, int) or removed_peak_cells < 1
+            or removed_peak_cells % 2 == 0):
+        raise ValueError(f"removed_peak_cells: expected an odd int >= 1 (cells centred on the peak), "
+                         f"got {removed_peak_cells!r}")
     if isinstance(objective, dict):
         objective = SaliencyObjective.from_dict(objective)
     objective = objective or SaliencyObjective()
@@ -438,11 +460,15 @@ def fit_explainer(
     try:
         if batch_size % group.shard.world:
             raise ValueError(f"batch_size: {batch_size} must be divisible by the number of processes ({group.shard.world})")
+        if removed_peak_weight and group.shard.distributed:
+            raise ValueError("removed_peak_weight: not supported with several processes yet; train in one process "
+                             "or leave it at 0")
         device = group.device
         if device.type == "cpu":
             keep_freed_memory()  # the kernel's page faults otherwise take much of a CPU step (allocator.py)
         settings = _Settings(epochs, batch_size, lr, seed, fake_label_prob, class_source, presence_weight, augment,
-                             embedding_loss, embedding_steps, freeze_embedding, presence_targets)
+                             embedding_loss, embedding_steps, freeze_embedding, presence_targets,
+                             float(removed_peak_weight), removed_peak_cells)
         original_device = device_of(classifier, device)
         if isinstance(classifier, nn.Module):
             classifier.to(device)
@@ -730,7 +756,8 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 bf16 = parts.embedding_stage if step < stage else parts.masking_model
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if step < stage:
-                        loss, terms, n_real = _embedding_loss(classifier, model, images, labels, k, settings, shard)
+                        loss, terms, n_real = _embedding_loss(classifier, model, images, labels, k, settings, shard,
+                                                              objective.blur_prob)
                     else:
                         loss, terms, n_real = _batch_loss(classifier, model, objective, images, labels, k, settings, shard)
                 optimizer.zero_grad(set_to_none=True)
@@ -876,13 +903,49 @@ def presence_loss(class_logits: torch.Tensor, labels: torch.Tensor,
 
 
 def _embedding_loss(classifier, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
-                    settings: _Settings, shard: BatchShard = LOCAL) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """The embedding stage: only the presence loss, with the same flips and class choice as
-    the mask stage."""
+                    settings: _Settings, shard: BatchShard = LOCAL,
+                    blur_prob: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """The embedding stage: only the presence loss (and, with ``removed_peak_weight``, its
+    removed-peak twin), with the same flips and class choice as the mask stage."""
     images, labels = _flip_and_select(classifier, images, labels, settings, shard)
     predicted = None
     if _predictions_present(settings):
         with torch.no_grad():
             predicted = classifier(images).argmax(1)
-    loss = presence_loss(model(images, None), labels, predicted)
-    return loss, {"embed": loss.detach(), "loss": loss.detach()}, 0
+    if not settings.removed_peak_weight:
+        loss = presence_loss(model(images, None), labels, predicted)
+        return loss, {"embed": loss.detach(), "loss": loss.detach()}, 0
+    masking_model = model.explainer.masking_model
+    features = masking_model._features(images)[-1]
+    embed = presence_loss(masking_model.feature_filter.class_logits(features).float(), labels, predicted)
+    removed = removed_peak_loss(classifier, masking_model, images, labels, features, settings.removed_peak_cells,
+                                blur_prob, shard)
+    loss = embed + settings.removed_peak_weight * removed
+    return loss, {"embed": embed.detach(), "removed_peak": removed.detach(), "loss": loss.detach()}, 0
+
+
+def removed_peak_loss(classifier, masking_model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      features: torch.Tensor, cells: int, blur_prob: float, shard: BatchShard = LOCAL) -> torch.Tensor:
+    """Binary cross-entropy of the class filter's presence logit for ``labels`` on
+    :func:`removed_peak_images`, against the classifier's probability for the class there:
+    where the peak sat on the evidence, what is left must score the class absent."""
+    with torch.no_grad():
+        removed = removed_peak_images(masking_model, images, labels, features, cells, blur_prob, shard)
+        target = classifier(removed).float().softmax(1).gather(1, labels[:, None])[:, 0]
+    logits = masking_model.feature_filter.class_logits(masking_model._features(removed)[-1]).float()
+    return F.binary_cross_entropy_with_logits(logits.gather(1, labels[:, None])[:, 0], target)
+
+
+@torch.no_grad()
+def removed_peak_images(masking_model: nn.Module, images: torch.Tensor, labels: torch.Tensor, features: torch.Tensor,
+                        cells: int, blur_prob: float, shard: BatchShard = LOCAL) -> torch.Tensor:
+    """``images`` with the ``cells`` x ``cells`` cells of ``features`` (the coarsest map) around
+    each image's highest score ``X_ij^T C_c`` for its label replaced by an alternative image."""
+    gate = masking_model.feature_filter(features, labels)[1].float()
+    flat = gate.flatten(1)
+    peak = torch.zeros_like(flat).scatter_(1, flat.argmax(1, keepdim=True), 1.0).view_as(gate)
+    region = F.max_pool2d(peak, cells, stride=1, padding=cells // 2)
+    # the map may cover a padded image (sizes not a multiple of the stride): crop, as the masks are
+    stride = masking_model.stride
+    region = F.interpolate(region, scale_factor=stride, mode="nearest")[..., : images.shape[-2], : images.shape[-1]]
+    return remove_evidence(images, 1 - region.to(images.dtype), alternative_image(images, blur_prob, shard=shard))

@@ -11,7 +11,7 @@ from blackbox_saliency.datasets import DecodedImages
 from blackbox_saliency.evidence import gaussian_blur
 from blackbox_saliency.masking_model import MaskingModel
 from blackbox_saliency.encoders import SmallEncoder
-from blackbox_saliency.training import presence_loss
+from blackbox_saliency.training import presence_loss, removed_peak_images, removed_peak_loss
 
 from conftest import SMALL, tiny_cnn
 
@@ -168,6 +168,8 @@ def test_old_configs_load_with_the_papers_filter():
     ({"embedding_steps": -1}, "embedding_steps"),
     ({"presence_targets": "prediction"}, "presence_targets"),
     ({"class_filter": "skips"}, "class_filter"),
+    ({"removed_peak_weight": -1.0}, "removed_peak_weight"),
+    ({"removed_peak_cells": 2}, "removed_peak_cells"),
 ])
 def test_bad_training_options_are_named(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -251,3 +253,56 @@ def test_an_auto_run_records_its_parts_and_a_resumed_run_keeps_them(tmp_path, mo
     assert resumed.config.training["precision_parts"] == parts
     explicit = fit_explainer(tiny_cnn(), _decoded(n=16), epochs=1, batch_size=8, progress=False, precision="bf16", **SMALL)
     assert "precision_parts" not in explicit.config.training  # asked for: nothing timed
+
+
+def _peaked_model_and_features():
+    """A masking model (stride 8) whose class 0 scores channel 0 alone, and a 4 x 4 map whose
+    only non-zero is channel 0 at cell (1, 2): class 0's peak."""
+    torch.manual_seed(0)
+    model = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=2).eval()
+    with torch.no_grad():
+        model.feature_filter.embedding.weight.zero_()
+        model.feature_filter.embedding.weight[0, 0] = 1.0
+    features = torch.zeros(1, 32, 4, 4)
+    features[0, 0, 1, 2] = 5.0
+    return model, features
+
+
+@pytest.mark.parametrize("cells, rows, cols", [(1, (8, 16), (16, 24)), (3, (0, 24), (8, 30))])
+def test_removed_peak_images_replace_the_cells_around_the_peak(cells, rows, cols):
+    model, features = _peaked_model_and_features()
+    images = torch.rand(1, 3, 30, 30)  # padded to 32 for the encoder: the region is cropped back
+    removed = removed_peak_images(model, images, torch.tensor([0]), features, cells, blur_prob=0.0)
+    expected = torch.zeros(30, 30, dtype=torch.bool)
+    expected[rows[0]:rows[1], cols[0]:cols[1]] = True
+    assert torch.equal((removed != images).any(1)[0], expected)
+
+
+def test_removed_peak_loss_targets_what_the_classifier_sees_once_the_peak_is_gone():
+    model, features = _peaked_model_and_features()
+    images = torch.zeros(1, 3, 32, 32)
+    images[..., 8:16, 16:24] = 1.0  # the evidence, under class 0's peak
+
+    def classifier(x):  # class 0 in proportion to the evidence's brightness
+        return torch.stack([20 * x[:, :, 8:16, 16:24].mean((1, 2, 3)) - 18, torch.zeros(len(x))], 1)
+
+    labels = torch.tensor([0])
+    torch.manual_seed(1)
+    loss = removed_peak_loss(classifier, model, images, labels, features, 1, blur_prob=1.0)
+    torch.manual_seed(1)
+    removed = removed_peak_images(model, images, labels, features, 1, blur_prob=1.0)
+    seen = torch.softmax(classifier(removed), 1)[:, 0]
+    assert seen.item() < 0.5 < torch.softmax(classifier(images), 1)[0, 0].item()  # removing the peak removed the class
+    logit = model.presence(removed)[:, 0]
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logit, seen))
+
+
+def test_removed_peak_weight_changes_only_the_embedding_stage_and_is_recorded():
+    data = _decoded(n=32)
+    runs = {}
+    for weight in (0.0, 1.0):
+        runs[weight] = fit_explainer(tiny_cnn(), data, epochs=10, batch_size=8, max_steps=6, embedding_steps=4,
+                                     removed_peak_weight=weight, seed=0, progress=False, **SMALL)
+        assert runs[weight].config.training["removed_peak_weight"] == weight
+    embedding = "masking_model.feature_filter.embedding.weight"
+    assert not torch.equal(runs[0.0].state_dict()[embedding], runs[1.0].state_dict()[embedding])
