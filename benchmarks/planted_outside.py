@@ -16,7 +16,7 @@ drawn once and shared by all three, blurred ones and random-colour ones apart:
 - ``inside only``: the same mask with everything outside the pattern set to 0;
 - ``pattern box``: 1 on the pattern, 0 elsewhere.
 
-A last table gives each class's mean true-class mask per seed, and one more the class filter's
+A last table gives each class's mean true-class mask per seed (and an absent class's mean mask), and one more the class filter's
 spatial gate ``sigmoid(X_ij^T C_c)`` for the true class on the coarsest map: its mean on the cells
 that touch the pattern and on the others, and the share of the others above 0.5 (does the gate of
 a class whose masks fill the image open everywhere?). ``--start-empty B``: the masking
@@ -34,6 +34,13 @@ more contrast in the gate stops the collapse (the gate table then shows the stre
 area term's power ``P`` instead of 0.3 (1 is the paper's plain mean, whose pull does not
 weaken as the mask fills). ``--area-controller T,G``: the area term weighted per class in the
 mask stage, more for a class whose running mean mask is above ``T`` (see :func:`area_controller`).
+``--train-class-filter``: after the embedding stage only the encoder is fixed; the class filter
+keeps training in the mask stage, under the mask losses and the presence loss (weight 1), so
+the masks' needs can shape its gate (see :func:`fix_encoder_only`). ``--peak-removed W``:
+``fit_explainer``'s ``removed_peak_weight=W`` (with ``removed_peak_cells=K`` from
+``--peak-window K``): the embedding stage's presence loss gains ``W`` times a second one, on
+each image with the cells around the true class's highest score replaced by an alternative
+image, whose target is the classifier's own probability for the class there.
 
 If ``inside only`` or ``pattern box`` has the lower objective, a loose run stopped in a worse
 place than the objective allows (an optimisation problem); if the learned mask is lower, the
@@ -93,7 +100,7 @@ def gate_penalised_embedding_loss(weight: float, cells: str, margin: float = 6.0
     ``sigmoid(X_ij^T C_c)`` over ``cells`` ("all", or "off-max": all but each image's highest),
     or (``cells="margin"``) times ``softplus(margin - (max - median))`` of its scores ``X_ij^T C_c``."""
 
-    def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL):
+    def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL, blur_prob=None):
         images, labels = training._flip_and_select(classifier, images, labels, settings, shard)
         predicted = None
         if training._predictions_present(settings):
@@ -130,6 +137,19 @@ def stretch_gate(forward):
         return features * gate, gate, presence
 
     return stretched_forward
+
+
+def fix_encoder_only(explainer, encoder: bool = True) -> list:
+    """``training._fix_embedding_stage`` freezing the encoder (and its BatchNorm statistics) but
+    not the class filter. Used with ``freeze_embedding="class_embedding"``, whose mask stage keeps
+    the presence loss, so the filter is trained by it and by the mask losses together."""
+    model = explainer.masking_model
+    params = [p for p in model.encoder.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    model.encoder.eval()
+    return params
 
 
 @contextlib.contextmanager
@@ -187,6 +207,14 @@ def main() -> None:
                         help="stretch each image's gate between its lowest and highest cell (an experiment)")
     parser.add_argument("--area-power", type=float, default=None, metavar="P",
                         help="the area term's power (default: the objective's, 0.3)")
+    parser.add_argument("--train-class-filter", action="store_true",
+                        help="fix only the encoder after the embedding stage; the class filter trains on in the "
+                             "mask stage (an experiment)")
+    parser.add_argument("--peak-removed", type=float, default=None, metavar="W",
+                        help="add W x the presence loss on each image with the true class's peak region removed, "
+                             "against the classifier's probability there (an experiment)")
+    parser.add_argument("--peak-window", type=int, default=3, metavar="K",
+                        help="with --peak-removed: the removed region, K x K cells of the coarsest map (odd)")
     parser.add_argument("--save", default=None, help="torch.save the held-out images, boxes and each seed's masks here")
     args = parser.parse_args()
     try:
@@ -195,9 +223,14 @@ def main() -> None:
         parser.error(f"--seeds: expected comma-separated ints ({err})")
     for name, value, allowed, wanted in (("--gate-weight", args.gate_weight, lambda v: v >= 0, "a number >= 0"),
                                          ("--contrast-margin", args.contrast_margin, lambda v: True, "a finite number"),
-                                         ("--area-power", args.area_power, lambda v: v > 0, "a positive number")):
+                                         ("--area-power", args.area_power, lambda v: v > 0, "a positive number"),
+                                         ("--peak-removed", args.peak_removed, lambda v: v >= 0, "a number >= 0")):
         if value is not None and not (math.isfinite(value) and allowed(value)):
             parser.error(f"{name}: expected {wanted}, got {value!r}")
+    if args.peak_window < 1 or args.peak_window % 2 == 0:
+        parser.error(f"--peak-window: expected an odd number of cells >= 1, got {args.peak_window}")
+    if args.peak_removed is not None and args.gate_weight is not None:
+        parser.error("--peak-removed: give it or --gate-weight, not both (each replaces the embedding stage's loss)")
     controller = None
     if args.area_controller:
         try:
@@ -219,6 +252,9 @@ def main() -> None:
     options += " --stretch-gate" if args.stretch_gate else ""
     options += f" --area-power {args.area_power:g}" if args.area_power is not None else ""
     options += f" --area-controller {args.area_controller}" if args.area_controller else ""
+    options += " --train-class-filter" if args.train_class_filter else ""
+    if args.peak_removed is not None:
+        options += f" --peak-removed {args.peak_removed:g} --peak-window {args.peak_window}"
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
           f"--embedding-steps {args.embedding_steps}{options}`; machine: {describe_cpu()}, {torch.get_num_threads()} CPU "
           f"threads, torch {torch.__version__}; date: {date.today()}.\n")
@@ -231,10 +267,13 @@ def main() -> None:
     if args.gate_weight is not None:
         training._embedding_loss = gate_penalised_embedding_loss(args.gate_weight, args.gate_cells,
                                                                 args.contrast_margin)
+    fix_stage = training._fix_embedding_stage
+    if args.train_class_filter:
+        training._fix_embedding_stage = fix_encoder_only
     filter_forward = FeatureFilter.forward
     if args.stretch_gate:
         FeatureFilter.forward = stretch_gate(filter_forward)
-    saved, gates = {}, {}
+    saved, gates, absent = {}, {}, {}
     try:
         for seed in seeds:
             start = None
@@ -247,9 +286,11 @@ def main() -> None:
                   contextlib.nullcontext(objective)) as train_objective:
                 explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
                                           embedding_steps=args.embedding_steps, seed=seed, progress=False,
-                                          precision="auto", freeze_embedding=True, encoder="small",
+                                          precision="auto", encoder="small",
+                                          freeze_embedding="class_embedding" if args.train_class_filter else True,
                                           encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
-                                          objective=train_objective).eval()
+                                          objective=train_objective, removed_peak_weight=args.peak_removed or 0.0,
+                                          removed_peak_cells=args.peak_window).eval()
             with torch.no_grad():
                 learned = explainer(test.images, test.labels).float()
             inside = inside_boxes(test.boxes, *learned.shape[-2:])
@@ -257,6 +298,8 @@ def main() -> None:
             # mean over images of each pixel where it lies outside that image's pattern
             outside_mean = (learned * ~inside).sum(0) / (~inside).sum(0).clamp_min(1)
             saved[seed] = learned
+            with torch.no_grad():  # another class than the one planted: a selective explainer leaves it empty
+                absent[seed] = explainer(test.images, (test.labels + 1) % 4).float().flatten(1).mean(1).mean().item()
             gates[seed] = true_class_gate(explainer, test.images, test.labels)
             described = (f"{outside.mean():.3f} / {outside.median():.3f} / {(outside > 0.5).float().mean():.3f} / "
                          f"{outside_mean.max():.3f}",
@@ -274,14 +317,16 @@ def main() -> None:
     finally:
         training.measure_parts = timing
         training._embedding_loss = embedding_loss
+        training._fix_embedding_stage = fix_stage
         FeatureFilter.forward = filter_forward
     # a loose run: one class's masks fill the image (benchmarks' 2026-12-03 finding), or a spread?
-    print("\n| seed | share of images with mean mask > 0.5 | " + " | ".join(f"class {c}" for c in range(4)) + " |")
-    print("| --- | --- |" + " --- |" * 4)
+    print("\n| seed | share of images with mean mask > 0.5 | " + " | ".join(f"class {c}" for c in range(4))
+          + " | an absent class (the next one) |")
+    print("| --- | --- |" + " --- |" * 5)
     for seed, masks in saved.items():
         mean = masks.flatten(1).mean(1)
         print(f"| {seed} | {(mean > 0.5).float().mean():.2f} | "
-              + " | ".join(f"{mean[test.labels == c].mean():.3f}" for c in range(4)) + " |")
+              + " | ".join(f"{mean[test.labels == c].mean():.3f}" for c in range(4)) + f" | {absent[seed]:.3f} |")
     print("\n| seed | class | gate on the pattern's cells | gate elsewhere | share of other cells with gate > 0.5 |")
     print("| --- | --- | --- | --- | --- |")
     for seed, gate in gates.items():
