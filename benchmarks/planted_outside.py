@@ -230,7 +230,7 @@ def main() -> None:
     if args.peak_window < 1 or args.peak_window % 2 == 0:
         parser.error(f"--peak-window: expected an odd number of cells >= 1, got {args.peak_window}")
     if args.peak_removed is not None and args.gate_weight is not None:
-        parser.error("--peak-removed: give it or --gate-weight, not both (each replaces the embedding stage's loss)")
+        parser.error("--peak-removed: give it or --gate-weight, not both (the gate penalty's embedding loss leaves the removed peak out)")
     controller = None
     if args.area_controller:
         try:
