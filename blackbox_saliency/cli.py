@@ -120,6 +120,13 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--presence-std-threshold", type=float, default=None,
                      help="call a class present in an image when its score stands this many standard deviations above "
                      "the image's mean class score (default: the paper's filter; the shipped Lite0 explainer uses 2)")
+    fit.add_argument("--removed-peak-weight", type=float, default=0.0,
+                     help="in the embedding stage, also train the class filter on each image with the cells around its "
+                     "peak for the class removed, against the classifier's probability there (default: %(default)s, "
+                     "off; docs/fit.md measures 0.6)")
+    fit.add_argument("--removed-peak-cells", type=int, default=3,
+                     help="with --removed-peak-weight: the removed region, this many cells of the coarsest feature map "
+                     "across, odd (default: %(default)s)")
     fit.add_argument("--epochs", type=int, default=20)
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -313,7 +320,8 @@ def _read_image(path: str) -> Any:
 _FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", "batch_size": "--batch-size",
               "max_steps": "--max-steps", "resume": "--resume", "preload": "--preload", "encoder": "--encoder",
               "epochs": "--epochs", "device": "--device", "seed": "--seed",
-              "embedding_steps": "--embedding-steps"}
+              "embedding_steps": "--embedding-steps", "removed_peak_weight": "--removed-peak-weight",
+              "removed_peak_cells": "--removed-peak-cells"}
 _FIT_SETTINGS = {"pretrained_encoder=False": "--no-pretrained-encoder", "resume=False": "no --resume",
                  "preload=False": "no --preload", "presence_std_threshold": "--presence-std-threshold"}
 
@@ -346,7 +354,8 @@ def _fit(args: argparse.Namespace) -> int:
             preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
             class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,
             freeze_embedding={None: False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
-            presence_std_threshold=args.presence_std_threshold,
+            presence_std_threshold=args.presence_std_threshold, removed_peak_weight=args.removed_peak_weight,
+            removed_peak_cells=args.removed_peak_cells,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},
         )
