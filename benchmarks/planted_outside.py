@@ -40,7 +40,12 @@ the masks' needs can shape its gate (see :func:`fix_encoder_only`). ``--peak-rem
 ``fit_explainer``'s ``removed_peak_weight=W`` (with ``removed_peak_cells=K`` from
 ``--peak-window K``): the embedding stage's presence loss gains ``W`` times a second one, on
 each image with the cells around the true class's highest score replaced by an alternative
-image, whose target is the classifier's own probability for the class there.
+image, whose target is the classifier's own probability for the class there. ``--peak-ramp F``
+(an experiment, with ``--peak-removed``): that weight grows linearly from 0 at the first step
+to ``W`` at ``F`` times the embedding steps, so the peak means something before it is removed.
+
+A line before the tables says what the classifier calls the held-out images with the pattern
+blurred out (this task's CNN: class 1, p 0.999, on every image).
 
 If ``inside only`` or ``pattern box`` has the lower objective, a loose run stopped in a worse
 place than the objective allows (an optimisation problem); if the learned mask is lower, the
@@ -54,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import math
 from datetime import date
 
@@ -63,7 +69,7 @@ import torch.nn.functional as F
 import blackbox_saliency.training as training
 from blackbox_saliency import Explainer, fit_explainer
 from blackbox_saliency._precision import PartPrecision, describe_cpu
-from blackbox_saliency.evidence import alternative_image
+from blackbox_saliency.evidence import alternative_image, remove_evidence
 from blackbox_saliency.masking_model import FeatureFilter, MaskingModel
 from blackbox_saliency.objective import SaliencyObjective
 from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_pattern_cnn
@@ -124,6 +130,36 @@ def gate_penalised_embedding_loss(weight: float, cells: str, margin: float = 6.0
         return loss, {"embed": presence.detach(), "gate": gate_term.mean().detach(), "loss": loss.detach()}, 0
 
     return loss_fn
+
+
+def ramped_embedding_loss(embedding_loss, weight: float, ramp_steps: int):
+    """``training._embedding_loss`` with ``removed_peak_weight`` growing linearly from 0 at the
+    first call to ``weight`` at call ``ramp_steps`` (one call per step in one process)."""
+    calls = [0]
+
+    def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL, blur_prob=0.5):
+        ramped = weight * min(1.0, calls[0] / ramp_steps) if ramp_steps else weight
+        calls[0] += 1
+        settings = dataclasses.replace(settings, removed_peak_weight=ramped)
+        return embedding_loss(classifier, model, images, labels, k, settings, shard, blur_prob)
+
+    return loss_fn
+
+
+def class_without_pattern(classifier, test) -> str:
+    """What the classifier says of the held-out images with the pattern removed (its box grown by
+    2 px, replaced by a blurred copy): a class it calls on bare background cannot be destroyed by
+    removing evidence, and the removed peak's target for it stays high wherever the peak was."""
+    inside = inside_boxes(test.boxes, *test.images.shape[-2:]).float()
+    grown = F.max_pool2d(inside, 5, stride=1, padding=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bare = remove_evidence(test.images, 1 - grown, alternative_image(test.images, 1.0))
+        probs = classifier(bare).float().softmax(1)
+    counts = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()
+    return ("The classifier on the held-out images with the pattern blurred out: mean probability per class "
+            + ", ".join(f"{c}: {v:.3f}" for c, v in enumerate(probs.mean(0).tolist()))
+            + f"; top class counts {counts}.\n")
 
 
 def stretch_gate(forward):
@@ -215,6 +251,9 @@ def main() -> None:
                              "against the classifier's probability there (an experiment)")
     parser.add_argument("--peak-window", type=int, default=3, metavar="K",
                         help="with --peak-removed: the removed region, K x K cells of the coarsest map (odd)")
+    parser.add_argument("--peak-ramp", type=float, default=None, metavar="F",
+                        help="with --peak-removed: its weight ramps from 0 to W over F x the embedding steps (an "
+                             "experiment)")
     parser.add_argument("--save", default=None, help="torch.save the held-out images, boxes and each seed's masks here")
     args = parser.parse_args()
     try:
@@ -229,6 +268,8 @@ def main() -> None:
             parser.error(f"{name}: expected {wanted}, got {value!r}")
     if args.peak_window < 1 or args.peak_window % 2 == 0:
         parser.error(f"--peak-window: expected an odd number of cells >= 1, got {args.peak_window}")
+    if args.peak_ramp is not None and (args.peak_removed is None or not 0 <= args.peak_ramp <= 1):
+        parser.error(f"--peak-ramp: expected a fraction in [0, 1] with --peak-removed, got {args.peak_ramp!r}")
     if args.peak_removed is not None and args.gate_weight is not None:
         parser.error("--peak-removed: give it or --gate-weight, not both (the gate penalty's embedding loss leaves the removed peak out)")
     controller = None
@@ -255,9 +296,11 @@ def main() -> None:
     options += " --train-class-filter" if args.train_class_filter else ""
     if args.peak_removed is not None:
         options += f" --peak-removed {args.peak_removed:g} --peak-window {args.peak_window}"
+        options += f" --peak-ramp {args.peak_ramp:g}" if args.peak_ramp is not None else ""
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
           f"--embedding-steps {args.embedding_steps}{options}`; machine: {describe_cpu()}, {torch.get_num_threads()} CPU "
           f"threads, torch {torch.__version__}; date: {date.today()}.\n")
+    print(class_without_pattern(classifier, test))
     print("| seed | outside: mean / median / share > 0.5 / max of the mean over images | inside | alternative | mask | preserve | destroy "
           "| area | tv | total |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -282,6 +325,9 @@ def main() -> None:
                 start = Explainer(4, "small", encoder_kwargs={"widths": [16, 32, 64]})
                 with torch.no_grad():
                     start.masking_model.head.bias[1] += args.start_empty
+            if args.peak_ramp is not None:  # a new count for each seed's run
+                training._embedding_loss = ramped_embedding_loss(embedding_loss, args.peak_removed,
+                                                                 round(args.peak_ramp * args.embedding_steps))
             with (area_controller(objective, 4, *controller) if controller else
                   contextlib.nullcontext(objective)) as train_objective:
                 explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,

@@ -76,6 +76,11 @@ VARIANTS = {
     # the saliency metric's crop loses what a barely-kept class had
     "fixed-stage-preserve1-fake50-embed8-margin3": ({"preserve_weight": 1.0, "preserve_margin": 3.0},
                                                     {"freeze_embedding": True, "fake_label_prob": 0.5, "embedding_epochs": 8}),
+    # the shipped recipe with the embedding stage also trained on images whose gate peak (3 x 3
+    # cells) is removed, fit_explainer's removed_peak_weight (issue #11; docs/fit.md)
+    "fixed-stage-preserve1-fake50-embed8-removed-peak0.6": ({"preserve_weight": 1.0},
+                                                            {"freeze_embedding": True, "fake_label_prob": 0.5,
+                                                             "embedding_epochs": 8, "removed_peak_weight": 0.6}),
 }
 # the shipped explainer-cifar10 (since 2026-12-01, eleventh session; docs/objective.md, "Empty masks,
 # and a longer embedding stage"): 11 epochs, 8 of them the embedding stage, --seed 1
