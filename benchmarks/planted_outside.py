@@ -42,9 +42,10 @@ the masks' needs can shape its gate (see :func:`fix_encoder_only`). ``--peak-rem
 each image with the cells around the true class's highest score replaced by an alternative
 image, whose target is the classifier's own probability for the class there. ``--peak-ramp F``
 (an experiment, with ``--peak-removed``): that weight grows linearly from 0 at the first step
-to ``W`` at ``F`` times the embedding steps, so the peak means something before it is removed. ``--peak-blur-only`` (an experiment, with
-``--peak-removed``): the removed region is always replaced by a blurred copy, never by a random
-colour, whose hard-edged square might look like a pattern to an encoder still being trained.
+to ``W`` at ``F`` times the embedding steps, so the peak means something before it is removed. ``--peak-blur-prob P`` (with
+``--peak-removed``): the removed region is replaced by a blurred copy with probability ``P``,
+else by a random colour (the library uses 1 since 2026-12-04; the earlier removed-peak tables
+used the objective's 0.5, and ``--peak-blur-only`` named the runs with 1).
 
 A line before the tables says what the classifier calls the held-out images with the pattern
 blurred out (this task's CNN: class 1, p 0.999, on every image).
@@ -256,8 +257,9 @@ def main() -> None:
     parser.add_argument("--peak-ramp", type=float, default=None, metavar="F",
                         help="with --peak-removed: its weight ramps from 0 to W over F x the embedding steps (an "
                              "experiment)")
-    parser.add_argument("--peak-blur-only", action="store_true",
-                        help="with --peak-removed: replace the removed region by a blurred copy only (an experiment)")
+    parser.add_argument("--peak-blur-prob", type=float, default=None, metavar="P",
+                        help="with --peak-removed: replace the removed region by a blurred copy with probability P, "
+                             "else a random colour (default: the library's, 1)")
     parser.add_argument("--save", default=None, help="torch.save the held-out images, boxes and each seed's masks here")
     args = parser.parse_args()
     try:
@@ -274,8 +276,8 @@ def main() -> None:
         parser.error(f"--peak-window: expected an odd number of cells >= 1, got {args.peak_window}")
     if args.peak_ramp is not None and (args.peak_removed is None or not 0 <= args.peak_ramp <= 1):
         parser.error(f"--peak-ramp: expected a fraction in [0, 1] with --peak-removed, got {args.peak_ramp!r}")
-    if args.peak_blur_only and args.peak_removed is None:
-        parser.error("--peak-blur-only: give it with --peak-removed")
+    if args.peak_blur_prob is not None and (args.peak_removed is None or not 0 <= args.peak_blur_prob <= 1):
+        parser.error(f"--peak-blur-prob: expected a probability in [0, 1] with --peak-removed, got {args.peak_blur_prob!r}")
     if args.peak_removed is not None and args.gate_weight is not None:
         parser.error("--peak-removed: give it or --gate-weight, not both (the gate penalty's embedding loss leaves the removed peak out)")
     controller = None
@@ -303,7 +305,7 @@ def main() -> None:
     if args.peak_removed is not None:
         options += f" --peak-removed {args.peak_removed:g} --peak-window {args.peak_window}"
         options += f" --peak-ramp {args.peak_ramp:g}" if args.peak_ramp is not None else ""
-        options += " --peak-blur-only" if args.peak_blur_only else ""
+        options += f" --peak-blur-prob {args.peak_blur_prob:g}" if args.peak_blur_prob is not None else ""
     print(f"Command: `python benchmarks/planted_outside.py --seeds {args.seeds} --steps {args.steps} "
           f"--embedding-steps {args.embedding_steps}{options}`; machine: {describe_cpu()}, {torch.get_num_threads()} CPU "
           f"threads, torch {torch.__version__}; date: {date.today()}.\n")
@@ -321,11 +323,9 @@ def main() -> None:
     if args.train_class_filter:
         training._fix_embedding_stage = fix_encoder_only
     filter_forward = FeatureFilter.forward
-    removed_peak_loss = training.removed_peak_loss
-    if args.peak_blur_only:
-        training.removed_peak_loss = (lambda classifier, masking_model, images, labels, features, cells, blur_prob,
-                                      shard=training.LOCAL: removed_peak_loss(classifier, masking_model, images, labels,
-                                                                              features, cells, 1.0, shard))
+    peak_blur_prob = training.REMOVED_PEAK_BLUR_PROB
+    if args.peak_blur_prob is not None:
+        training.REMOVED_PEAK_BLUR_PROB = args.peak_blur_prob
     if args.stretch_gate:
         FeatureFilter.forward = stretch_gate(filter_forward)
     saved, gates, absent = {}, {}, {}
@@ -377,7 +377,7 @@ def main() -> None:
         training._embedding_loss = embedding_loss
         training._fix_embedding_stage = fix_stage
         FeatureFilter.forward = filter_forward
-        training.removed_peak_loss = removed_peak_loss
+        training.REMOVED_PEAK_BLUR_PROB = peak_blur_prob
     # a loose run: one class's masks fill the image (benchmarks' 2026-12-03 finding), or a spread?
     print("\n| seed | share of images with mean mask > 0.5 | " + " | ".join(f"class {c}" for c in range(4))
           + " | an absent class (the next one) |")

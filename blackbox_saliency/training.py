@@ -37,6 +37,10 @@ __all__ = ["fit_explainer", "CHECKPOINT_NAME"]
 logger = logging.getLogger(__name__)
 _RENAMED_ARGUMENTS = {"selector": "class_source", "selector_weight": "presence_weight"}
 _SYNC_EVERY = 20  # steps between reading losses back from the device
+# The removed peak's region is replaced by a blurred copy, never a random colour: a flat square
+# with hard edges, which the classifier ignores, taught as "absent" to an encoder still in
+# training shut whole classes' gates on the planted task (docs/fit.md, "Tying the gate's peak").
+REMOVED_PEAK_BLUR_PROB = 1.0
 
 
 @dataclass
@@ -340,15 +344,16 @@ def fit_explainer(
         removed_peak_weight: in the embedding stage, add this weight times a second presence
             loss, on each image with the ``removed_peak_cells`` x ``removed_peak_cells`` cells
             of the coarsest feature map around the class's highest score ``X_ij^T C_c``
-            replaced by an alternative image (as the destroy term removes a mask), whose target
-            is the classifier's own probability for the class on that image. The presence loss
+            replaced by a blurred copy (as the destroy term removes a mask), whose target is
+            the classifier's own probability for the class on that image. The presence loss
             trains only each image's highest cell, and leaves the class filter's gate open over
             much of the background; this asks the cells left, once the classifier no longer
             sees the class, to score it absent, tying the gate to what the classifier uses.
             Costs one more encoder and classifier forward per embedding step; one process only.
             Measured on the planted task with ``freeze_embedding=True`` (docs/fit.md, 10 seeds):
-            one class's masks filled the image on 8 seeds with 0, 1 with 0.6, none with 1; but
-            1 shut some classes' gates and gave an absent class a mask on 3 seeds (0.6: on 1).
+            without it one class's masks filled the image on 8 seeds, with weight 1 on 1, and
+            an absent class's mask stayed 0.001-0.034 on all ten; with half the removals a
+            random colour (before 2026-12-04), weight 1 shut some classes' gates on 3 seeds.
         augment: random horizontal flips.
         max_steps: stop after this many optimiser steps in all (for quick runs).
         num_workers: DataLoader worker processes decoding images (per process).
@@ -758,7 +763,7 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if step < stage:
                         loss, terms, n_real = _embedding_loss(classifier, model, images, labels, k, settings, shard,
-                                                              objective.blur_prob)
+                                                              REMOVED_PEAK_BLUR_PROB)
                     else:
                         loss, terms, n_real = _batch_loss(classifier, model, objective, images, labels, k, settings, shard)
                 optimizer.zero_grad(set_to_none=True)
@@ -905,9 +910,10 @@ def presence_loss(class_logits: torch.Tensor, labels: torch.Tensor,
 
 def _embedding_loss(classifier, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
                     settings: _Settings, shard: BatchShard = LOCAL,
-                    blur_prob: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+                    blur_prob: float = REMOVED_PEAK_BLUR_PROB) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """The embedding stage: only the presence loss (and, with ``removed_peak_weight``, its
-    removed-peak twin), with the same flips and class choice as the mask stage."""
+    removed-peak twin, whose region is replaced by an alternative image with ``blur_prob``),
+    with the same flips and class choice as the mask stage."""
     images, labels = _flip_and_select(classifier, images, labels, settings, shard)
     predicted = None
     if _predictions_present(settings):

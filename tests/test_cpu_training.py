@@ -306,3 +306,20 @@ def test_removed_peak_weight_changes_only_the_embedding_stage_and_is_recorded():
         assert runs[weight].config.training["removed_peak_weight"] == weight
     embedding = "masking_model.feature_filter.embedding.weight"
     assert not torch.equal(runs[0.0].state_dict()[embedding], runs[1.0].state_dict()[embedding])
+
+
+def test_removed_peak_replaces_the_region_by_a_blurred_copy_whatever_the_objective(monkeypatch):
+    # a random-colour square shut classes' gates on the planted task (docs/fit.md); the mask
+    # stage keeps the objective's own mix (here all random colour)
+    import blackbox_saliency.training as training
+
+    seen, original = [], training.removed_peak_loss
+
+    def spy(classifier, masking_model, images, labels, features, cells, blur_prob, shard=training.LOCAL):
+        seen.append(blur_prob)
+        return original(classifier, masking_model, images, labels, features, cells, blur_prob, shard)
+
+    monkeypatch.setattr(training, "removed_peak_loss", spy)
+    fit_explainer(tiny_cnn(), _decoded(n=16), epochs=10, batch_size=8, max_steps=3, embedding_steps=2,
+                  removed_peak_weight=1.0, objective={"blur_prob": 0.0}, seed=0, progress=False, **SMALL)
+    assert seen == [1.0, 1.0]
