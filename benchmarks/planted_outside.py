@@ -140,7 +140,8 @@ def ramped_embedding_loss(embedding_loss, weight: float, ramp_steps: int):
     first call to ``weight`` at call ``ramp_steps`` (one call per step in one process)."""
     calls = [0]
 
-    def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL, blur_prob=0.5):
+    def loss_fn(classifier, model, images, labels, k, settings, shard=training.LOCAL,
+                blur_prob=training.REMOVED_PEAK_BLUR_PROB):
         ramped = weight * min(1.0, calls[0] / ramp_steps) if ramp_steps else weight
         calls[0] += 1
         settings = dataclasses.replace(settings, removed_peak_weight=ramped)
