@@ -275,10 +275,14 @@ def main() -> None:
             parser.error(f"{name}: expected {wanted}, got {value!r}")
     if args.peak_window < 1 or args.peak_window % 2 == 0:
         parser.error(f"--peak-window: expected an odd number of cells >= 1, got {args.peak_window}")
-    if args.peak_ramp is not None and (args.peak_removed is None or not 0 <= args.peak_ramp <= 1):
-        parser.error(f"--peak-ramp: expected a fraction in [0, 1] with --peak-removed, got {args.peak_ramp!r}")
-    if args.peak_blur_prob is not None and (args.peak_removed is None or not 0 <= args.peak_blur_prob <= 1):
-        parser.error(f"--peak-blur-prob: expected a probability in [0, 1] with --peak-removed, got {args.peak_blur_prob!r}")
+    if args.peak_ramp is not None and args.peak_removed is None:
+        parser.error("--peak-ramp: give it with --peak-removed W")
+    if args.peak_ramp is not None and not 0 <= args.peak_ramp <= 1:
+        parser.error(f"--peak-ramp: expected a fraction in [0, 1], got {args.peak_ramp!r}")
+    if args.peak_blur_prob is not None and args.peak_removed is None:
+        parser.error("--peak-blur-prob: give it with --peak-removed W")
+    if args.peak_blur_prob is not None and not 0 <= args.peak_blur_prob <= 1:
+        parser.error(f"--peak-blur-prob: expected a probability in [0, 1], got {args.peak_blur_prob!r}")
     if args.peak_removed is not None and args.gate_weight is not None:
         parser.error("--peak-removed: give it or --gate-weight, not both (the gate penalty's embedding loss leaves the removed peak out)")
     controller = None
