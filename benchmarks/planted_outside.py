@@ -46,9 +46,10 @@ to ``W`` at ``F`` times the embedding steps, so the peak means something before 
 ``--peak-removed``): the removed region is replaced by a blurred copy with probability ``P``,
 else by a random colour (the library uses 1 since 2026-12-04; the earlier removed-peak tables
 used the objective's 0.5, and ``--peak-blur-only`` named the runs with 1).
-``--peak-skip-background T`` (an experiment, with ``--peak-removed``): the second loss leaves out
-the images whose class the classifier still gives probability >= ``T`` on the whole image
-blurred, a class that removing evidence cannot destroy.
+``--peak-skip-background T`` (with ``--peak-removed``): ``fit_explainer``'s
+``removed_peak_skip_background=T``: the second loss leaves out the images whose class the
+classifier still gives probability >= ``T`` on the whole image blurred, a class that removing
+evidence cannot destroy.
 
 A line before the tables says what the classifier calls the held-out images with the pattern
 blurred out (this task's CNN: class 1, p 0.999, on every image).
@@ -75,7 +76,7 @@ import torch.nn.functional as F
 import blackbox_saliency.training as training
 from blackbox_saliency import Explainer, fit_explainer
 from blackbox_saliency._precision import PartPrecision, describe_cpu
-from blackbox_saliency.evidence import alternative_image, blur_sigma_for, gaussian_blur, remove_evidence
+from blackbox_saliency.evidence import alternative_image, remove_evidence
 from blackbox_saliency.masking_model import FeatureFilter, MaskingModel
 from blackbox_saliency.objective import SaliencyObjective
 from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_pattern_cnn
@@ -149,25 +150,6 @@ def ramped_embedding_loss(embedding_loss, weight: float, ramp_steps: int):
         calls[0] += 1
         settings = dataclasses.replace(settings, removed_peak_weight=ramped)
         return embedding_loss(classifier, model, images, labels, k, settings, shard, blur_prob)
-
-    return loss_fn
-
-
-def background_skipping_removed_peak_loss(threshold: float):
-    """``training.removed_peak_loss`` leaving out the images whose class the classifier still
-    gives probability >= ``threshold`` on the whole image blurred (an experiment): for a class the
-    classifier calls on bare background, removing evidence cannot destroy it, the removed peak's
-    target stays high wherever the peak was, and the loss would teach its gate to open there."""
-
-    def loss_fn(classifier, masking_model, images, labels, features, cells, blur_prob, shard=training.LOCAL):
-        with torch.no_grad():
-            removed = training.removed_peak_images(masking_model, images, labels, features, cells, blur_prob, shard)
-            target = classifier(removed).float().softmax(1).gather(1, labels[:, None])[:, 0]
-            bare = gaussian_blur(images, blur_sigma_for(*images.shape[-2:]))
-            keep = (classifier(bare).float().softmax(1).gather(1, labels[:, None])[:, 0] < threshold).float()
-        logits = masking_model.feature_filter.class_logits(masking_model._features(removed)[-1]).float()
-        per_image = F.binary_cross_entropy_with_logits(logits.gather(1, labels[:, None])[:, 0], target, reduction="none")
-        return (per_image * keep).sum() / keep.sum().clamp_min(1)
 
     return loss_fn
 
@@ -362,9 +344,6 @@ def main() -> None:
     peak_blur_prob = training.REMOVED_PEAK_BLUR_PROB
     if args.peak_blur_prob is not None:
         training.REMOVED_PEAK_BLUR_PROB = args.peak_blur_prob
-    removed_peak_loss = training.removed_peak_loss
-    if args.peak_skip_background is not None:
-        training.removed_peak_loss = background_skipping_removed_peak_loss(args.peak_skip_background)
     if args.stretch_gate:
         FeatureFilter.forward = stretch_gate(filter_forward)
     saved, gates, absent = {}, {}, {}
@@ -387,7 +366,8 @@ def main() -> None:
                                           freeze_embedding="class_embedding" if args.train_class_filter else True,
                                           encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
                                           objective=train_objective, removed_peak_weight=args.peak_removed or 0.0,
-                                          removed_peak_cells=args.peak_window).eval()
+                                          removed_peak_cells=args.peak_window,
+                                          removed_peak_skip_background=args.peak_skip_background).eval()
             with torch.no_grad():
                 learned = explainer(test.images, test.labels).float()
             inside = inside_boxes(test.boxes, *learned.shape[-2:])
@@ -417,7 +397,6 @@ def main() -> None:
         training._fix_embedding_stage = fix_stage
         FeatureFilter.forward = filter_forward
         training.REMOVED_PEAK_BLUR_PROB = peak_blur_prob
-        training.removed_peak_loss = removed_peak_loss
     # a loose run: one class's masks fill the image (benchmarks' 2026-12-03 finding), or a spread?
     print("\n| seed | share of images with mean mask > 0.5 | " + " | ".join(f"class {c}" for c in range(4))
           + " | an absent class (the next one) |")

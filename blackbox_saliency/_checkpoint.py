@@ -15,7 +15,8 @@ CHECKPOINT_NAME = "last.pt"
 
 # Settings renamed since checkpoints were first written: old checkpoints still resume.
 _RENAMED_SETTINGS = {"selector": "class_source", "selector_weight": "presence_weight"}
-_OLD_SETTINGS_DEFAULTS = {"presence_targets": "class", "removed_peak_weight": 0.0, "removed_peak_cells": 3}
+_OLD_SETTINGS_DEFAULTS = {"presence_targets": "class", "removed_peak_weight": 0.0, "removed_peak_cells": 3,
+                          "removed_peak_skip_background": None}
 
 
 def save_checkpoint(path: Path, explainer: Explainer, optimizer: torch.optim.Optimizer, settings: dict[str, Any],

@@ -127,6 +127,10 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--removed-peak-cells", type=int, default=3,
                      help="with --removed-peak-weight: the removed region, this many cells of the coarsest feature map "
                      "across, odd (default: %(default)s)")
+    fit.add_argument("--removed-peak-skip-background", type=float, default=None, metavar="T",
+                     help="with --removed-peak-weight: leave out of that loss each image whose class keeps probability "
+                     ">= T once the whole image is blurred, a class the classifier calls on bare background "
+                     "(default: keep every image; docs/fit.md measures 0.5)")
     fit.add_argument("--epochs", type=int, default=20)
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -321,7 +325,8 @@ _FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", 
               "max_steps": "--max-steps", "resume": "--resume", "preload": "--preload", "encoder": "--encoder",
               "epochs": "--epochs", "device": "--device", "seed": "--seed",
               "embedding_steps": "--embedding-steps", "removed_peak_weight": "--removed-peak-weight",
-              "removed_peak_cells": "--removed-peak-cells"}
+              "removed_peak_cells": "--removed-peak-cells",
+              "removed_peak_skip_background": "--removed-peak-skip-background"}
 _FIT_SETTINGS = {"pretrained_encoder=False": "--no-pretrained-encoder", "resume=False": "no --resume",
                  "preload=False": "no --preload", "presence_std_threshold": "--presence-std-threshold"}
 
@@ -355,7 +360,7 @@ def _fit(args: argparse.Namespace) -> int:
             class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,
             freeze_embedding={None: False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
             presence_std_threshold=args.presence_std_threshold, removed_peak_weight=args.removed_peak_weight,
-            removed_peak_cells=args.removed_peak_cells,
+            removed_peak_cells=args.removed_peak_cells, removed_peak_skip_background=args.removed_peak_skip_background,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},
         )

@@ -131,13 +131,16 @@ def test_fit_passes_the_shipped_lite0_recipes_embedding_options(tiny, tmp_path):
 def test_fit_passes_the_removed_peak_options(tiny, tmp_path):
     data = image_folder(tmp_path / "data")
     # one embedding-stage step, where the removed peak is used, then one mask step
-    args = ("--max-steps", "2", "--embedding-steps", "1", "--removed-peak-weight", "0.6", "--removed-peak-cells", "1")
+    args = ("--max-steps", "2", "--embedding-steps", "1", "--removed-peak-weight", "0.6", "--removed-peak-cells", "1",
+            "--removed-peak-skip-background", "0.5")
     assert main(fit_args(data, tmp_path / "out", *args)) == 0
     training = Explainer.from_pretrained(tmp_path / "out").config.training
     assert training["removed_peak_weight"] == 0.6 and training["removed_peak_cells"] == 1
+    assert training["removed_peak_skip_background"] == 0.5
 
 
-@pytest.mark.parametrize("flag, value", [("--removed-peak-weight", "-1"), ("--removed-peak-cells", "2")])
+@pytest.mark.parametrize("flag, value", [("--removed-peak-weight", "-1"), ("--removed-peak-cells", "2"),
+                                         ("--removed-peak-skip-background", "1.5")])
 def test_fit_rejects_bad_removed_peak_options_naming_the_flag(tiny, tmp_path, capsys, flag, value):
     assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", flag, value)) == 2
     assert flag in error_line(capsys, "fit")

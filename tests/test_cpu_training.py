@@ -170,6 +170,9 @@ def test_old_configs_load_with_the_papers_filter():
     ({"class_filter": "skips"}, "class_filter"),
     ({"removed_peak_weight": -1.0}, "removed_peak_weight"),
     ({"removed_peak_cells": 2}, "removed_peak_cells"),
+    ({"removed_peak_weight": 1.0, "removed_peak_skip_background": 0.0}, "removed_peak_skip_background"),
+    ({"removed_peak_weight": 1.0, "removed_peak_skip_background": "0.5"}, "removed_peak_skip_background"),
+    ({"removed_peak_skip_background": 0.5}, "removed_peak_skip_background"),  # without the loss it applies to
 ])
 def test_bad_training_options_are_named(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -297,6 +300,63 @@ def test_removed_peak_loss_targets_what_the_classifier_sees_once_the_peak_is_gon
     assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logit, seen))
 
 
+def test_removed_peak_skip_background_leaves_out_the_images_whose_class_survives_a_blur():
+    # image 0: class 0 sits in sharp evidence a blur destroys; image 1: class 1 is what the
+    # classifier calls any smooth image, so removing its peak cannot make it absent
+    model, _ = _peaked_model_and_features()
+    # the presence logit on what is left: 2 for both classes (a random encoder's features are
+    # near 0, and a logit of 0 costs log 2 whatever the target)
+    model._features = lambda x: [torch.full((len(x), 32, 4, 4), 2.0)]
+    with torch.no_grad():
+        model.feature_filter.embedding.weight[1, 0] = 1.0
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, 8:16, 16:24] = torch.tensor([[1.0, -1.0] * 4] * 8)  # stripes: zero once blurred
+    features = torch.zeros(2, 32, 4, 4)
+    features[0, 0, 1, 2] = 5.0
+
+    def classifier(x):  # class 0 from the stripes' contrast, class 1 otherwise
+        contrast = (x[:, :, 8:16, 16:24] - x[:, :, 8:16, 16:24].mean((2, 3), keepdim=True)).abs().mean((1, 2, 3))
+        return torch.stack([20 * contrast - 10, torch.zeros(len(x))], 1)
+
+    labels = torch.tensor([0, 1])
+    bare = gaussian_blur(images, 32 * 10 / 224)
+    survives = torch.softmax(classifier(bare), 1)[torch.arange(2), labels]
+    assert survives[0] < 0.5 < survives[1]  # the setup: only class 1 survives a whole-image blur
+    per_image = []
+    for i in range(2):
+        torch.manual_seed(1)
+        per_image.append(removed_peak_loss(classifier, model, images[i:i + 1], labels[i:i + 1], features[i:i + 1], 1,
+                                           blur_prob=1.0))
+    torch.manual_seed(1)
+    both = removed_peak_loss(classifier, model, images, labels, features, 1, blur_prob=1.0)
+    torch.manual_seed(1)
+    skipped = removed_peak_loss(classifier, model, images, labels, features, 1, blur_prob=1.0, skip_background=0.5)
+    assert torch.allclose(both, (per_image[0] + per_image[1]) / 2)
+    assert not torch.allclose(per_image[0], per_image[1])
+    assert torch.allclose(skipped, per_image[0])  # image 1 contributes nothing
+    torch.manual_seed(1)
+    nothing_left = removed_peak_loss(classifier, model, images[1:], labels[1:], features[1:], 1, blur_prob=1.0,
+                                     skip_background=0.5)
+    assert nothing_left.item() == 0.0
+
+
+def test_removed_peak_skip_background_reaches_the_loss_and_is_recorded(monkeypatch):
+    import blackbox_saliency.training as training
+
+    seen, original = [], training.removed_peak_loss
+
+    def spy(*args, skip_background=None, **kwargs):
+        seen.append(skip_background)
+        return original(*args, skip_background=skip_background, **kwargs)
+
+    monkeypatch.setattr(training, "removed_peak_loss", spy)
+    explainer = fit_explainer(tiny_cnn(), _decoded(n=16), epochs=10, batch_size=8, max_steps=3, embedding_steps=2,
+                              removed_peak_weight=1.0, removed_peak_skip_background=0.5, seed=0, progress=False,
+                              **SMALL)
+    assert seen == [0.5, 0.5]
+    assert explainer.config.training["removed_peak_skip_background"] == 0.5
+
+
 def test_removed_peak_weight_changes_only_the_embedding_stage_and_is_recorded():
     data = _decoded(n=32)
     runs = {}
@@ -315,9 +375,9 @@ def test_removed_peak_replaces_the_region_by_a_blurred_copy_whatever_the_objecti
 
     seen, original = [], training.removed_peak_loss
 
-    def spy(classifier, masking_model, images, labels, features, cells, blur_prob, shard=training.LOCAL):
+    def spy(classifier, masking_model, images, labels, features, cells, blur_prob, shard=training.LOCAL, **kwargs):
         seen.append(blur_prob)
-        return original(classifier, masking_model, images, labels, features, cells, blur_prob, shard)
+        return original(classifier, masking_model, images, labels, features, cells, blur_prob, shard, **kwargs)
 
     monkeypatch.setattr(training, "removed_peak_loss", spy)
     fit_explainer(tiny_cnn(), _decoded(n=16), epochs=10, batch_size=8, max_steps=3, embedding_steps=2,
