@@ -282,3 +282,25 @@ def test_loader_throughput_times_both_data_paths_on_a_made_up_pack(tmp_path):
                           "--batches", "0"], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert bad.returncode != 0 and "--batches: must be at least 1" in bad.stderr
+
+
+def test_blur_survival_scores_each_image_blurred_whole_in_any_batch_size():
+    from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
+
+    blur_survival = _benchmark_module("blur_survival")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+
+    def classifier(x):  # class 0 in proportion to pixel contrast, which a blur takes away
+        return torch.stack([x.std((1, 2, 3)) - 0.5, torch.zeros(len(x))], 1)
+
+    prob, top = blur_survival.blurred_probabilities(classifier, images, labels, batch_size=3)
+    x = blur_survival.normalise(images)
+    expected = classifier(gaussian_blur(x, blur_sigma_for(32, 32))).softmax(1)
+    assert torch.allclose(prob, expected[torch.arange(7), labels]) and torch.equal(top, expected.argmax(1))
+    sharp = classifier(x).softmax(1)[:, 0]
+    assert (expected[:, 0] < sharp).all()  # the blur was applied
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "blur_survival.py"), "--pack", "x", "--threshold", "2"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode != 0 and "--threshold: expected a probability in (0, 1], got 2.0" in bad.stderr
