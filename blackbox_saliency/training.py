@@ -351,7 +351,7 @@ def fit_explainer(
             trains only each image's highest cell, and leaves the class filter's gate open over
             much of the background; this asks the cells left, once the classifier no longer
             sees the class, to score it absent, tying the gate to what the classifier uses.
-            Costs one more encoder and classifier forward per embedding step; one process only.
+            Costs one more encoder and classifier forward per embedding step.
             Measured on the planted task with ``freeze_embedding=True`` (docs/fit.md, 10 seeds):
             without it one class's masks filled the image on 8 seeds, with weight 1 on 1, and
             an absent class's mask stayed 0.001-0.034 on all ten; with half the removals a
@@ -485,9 +485,6 @@ def fit_explainer(
     try:
         if batch_size % group.shard.world:
             raise ValueError(f"batch_size: {batch_size} must be divisible by the number of processes ({group.shard.world})")
-        if removed_peak_weight and group.shard.distributed:
-            raise ValueError("removed_peak_weight: not supported with several processes yet; train in one process "
-                             "or leave it at 0")
         device = group.device
         if device.type == "cpu":
             keep_freed_memory()  # the kernel's page faults otherwise take much of a CPU step (allocator.py)
@@ -607,11 +604,32 @@ class _MaskStep(nn.Module):
         super().__init__()
         self.explainer = explainer
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None,
-                class_logits: bool = False) -> MaskOutput | torch.Tensor:
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None, class_logits: bool = False,
+                removed_peak: "_RemovedPeak | None" = None) -> MaskOutput | torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if class_ids is None:  # the embedding stage: every class's presence logit, no decoder
-            return self.explainer.masking_model.presence(images)
+            if removed_peak is None:
+                return self.explainer.masking_model.presence(images)
+            # both encoder passes in this one forward, as DistributedDataParallel needs
+            masking_model = self.explainer.masking_model
+            features = masking_model._features(images)[-1]
+            return masking_model.feature_filter.class_logits(features).float(), removed_peak(masking_model, images, features)
         return self.explainer.masking_model(images, class_ids, class_logits=class_logits)
+
+
+@dataclass
+class _RemovedPeak:
+    """:func:`removed_peak_loss` for one batch, called inside the training forward."""
+
+    classifier: Callable[[torch.Tensor], torch.Tensor]
+    labels: torch.Tensor
+    cells: int
+    blur_prob: float
+    shard: BatchShard
+    skip_background: float | None
+
+    def __call__(self, masking_model: nn.Module, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return removed_peak_loss(self.classifier, masking_model, images, self.labels, features, self.cells,
+                                 self.blur_prob, self.shard, skip_background=self.skip_background)
 
 
 def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -941,11 +959,9 @@ def _embedding_loss(classifier, model: nn.Module, images: torch.Tensor, labels: 
     if not settings.removed_peak_weight:
         loss = presence_loss(model(images, None), labels, predicted)
         return loss, {"embed": loss.detach(), "loss": loss.detach()}, 0
-    masking_model = model.explainer.masking_model
-    features = masking_model._features(images)[-1]
-    embed = presence_loss(masking_model.feature_filter.class_logits(features).float(), labels, predicted)
-    removed = removed_peak_loss(classifier, masking_model, images, labels, features, settings.removed_peak_cells,
-                                blur_prob, shard, skip_background=settings.removed_peak_skip_background)
+    logits, removed = model(images, None, removed_peak=_RemovedPeak(
+        classifier, labels, settings.removed_peak_cells, blur_prob, shard, settings.removed_peak_skip_background))
+    embed = presence_loss(logits, labels, predicted)
     loss = embed + settings.removed_peak_weight * removed
     return loss, {"embed": embed.detach(), "removed_peak": removed.detach(), "loss": loss.detach()}, 0
 
@@ -959,7 +975,8 @@ def removed_peak_loss(classifier, masking_model: nn.Module, images: torch.Tensor
 
     ``skip_background``: images whose class keeps at least this probability with the whole
     image blurred are left out (their removal cannot destroy the class, whatever it took); the
-    loss is the mean over the rest, 0 when none is left."""
+    loss is the mean over the rest, 0 when none is left. Under several processes (``shard``)
+    the mean is over the whole batch's images kept, as one process would take it."""
     with torch.no_grad():
         removed = removed_peak_images(masking_model, images, labels, features, cells, blur_prob, shard)
         target = classifier(removed).float().softmax(1).gather(1, labels[:, None])[:, 0]
@@ -969,7 +986,9 @@ def removed_peak_loss(classifier, masking_model: nn.Module, images: torch.Tensor
             keep = (classifier(bare).float().softmax(1).gather(1, labels[:, None])[:, 0] < skip_background).float()
     logits = masking_model.feature_filter.class_logits(masking_model._features(removed)[-1]).float()
     per_image = F.binary_cross_entropy_with_logits(logits.gather(1, labels[:, None])[:, 0], target, reduction="none")
-    return (per_image * keep).sum() / keep.sum().clamp_min(1)
+    # DistributedDataParallel averages the processes' gradients: scaled by the world, each
+    # process's sum over the global count is its share of the one-process mean
+    return (per_image * keep).sum() * shard.world / shard.sum(keep.sum()).clamp_min(1)
 
 
 @torch.no_grad()

@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100, help="log losses and images/s every N steps (process 0)")
     parser.add_argument("--out", type=Path, default=Path("explainer-torchrun"))
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from here, with any number of processes")
+    parser.add_argument("--removed-peak-weight", type=float, default=0.0, help="fit_explainer's removed_peak_weight")
+    parser.add_argument("--removed-peak-skip-background", type=float, default=None,
+                        help="fit_explainer's removed_peak_skip_background")
     parser.add_argument("--float64", action="store_true",
                         help="train in float64: 1 and N processes then agree to about 1e-13 (in float32 they agree up "
                              "to float noise, which Adam's first steps amplify)")
@@ -51,6 +54,7 @@ def main() -> None:
         epochs=1000, max_steps=args.steps, embedding_steps=args.embedding_steps, batch_size=args.batch_size,
         device=args.device, seed=args.seed, log_every=args.log_every,
         checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
+        removed_peak_weight=args.removed_peak_weight, removed_peak_skip_background=args.removed_peak_skip_background,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same explainer; one writes it
         explainer.save_pretrained(args.out)
