@@ -34,7 +34,8 @@ more contrast in the gate stops the collapse (the gate table then shows the stre
 area term's power ``P`` instead of 0.3 (1 is the paper's plain mean, whose pull does not
 weaken as the mask fills). ``--area-controller T,G``: the area term weighted per class in the
 mask stage, more for a class whose running mean mask is above ``T`` (see :func:`area_controller`).
-``--train-class-filter``: after the embedding stage only the encoder is fixed; the class filter
+``--train-embedding``: nothing is fixed after the embedding stage (``fit_explainer``'s default;
+every other run here fixes the encoder and class embedding). ``--train-class-filter``: after the embedding stage only the encoder is fixed; the class filter
 keeps training in the mask stage, under the mask losses and the presence loss (weight 1), so
 the masks' needs can shape its gate (see :func:`fix_encoder_only`). ``--peak-removed W``:
 ``fit_explainer``'s ``removed_peak_weight=W`` (with ``removed_peak_cells=K`` from
@@ -254,6 +255,9 @@ def main() -> None:
     parser.add_argument("--train-class-filter", action="store_true",
                         help="fix only the encoder after the embedding stage; the class filter trains on in the "
                              "mask stage (an experiment)")
+    parser.add_argument("--train-embedding", action="store_true",
+                        help="fix nothing after the embedding stage: the mask stage trains the encoder and class "
+                             "embedding too (fit_explainer's default, freeze_embedding=False)")
     parser.add_argument("--peak-removed", type=float, default=None, metavar="W",
                         help="add W x the presence loss on each image with the true class's peak region removed, "
                              "against the classifier's probability there (an experiment)")
@@ -294,6 +298,8 @@ def main() -> None:
         parser.error("--peak-skip-background: give it with --peak-removed W")
     if args.peak_skip_background is not None and not 0 < args.peak_skip_background <= 1:
         parser.error(f"--peak-skip-background: expected a probability in (0, 1], got {args.peak_skip_background!r}")
+    if args.train_embedding and args.train_class_filter:
+        parser.error("--train-embedding: give it or --train-class-filter, not both")
     if args.peak_removed is not None and args.gate_weight is not None:
         parser.error("--peak-removed: give it or --gate-weight, not both (the gate penalty's embedding loss leaves the removed peak out)")
     controller = None
@@ -318,6 +324,7 @@ def main() -> None:
     options += f" --area-power {args.area_power:g}" if args.area_power is not None else ""
     options += f" --area-controller {args.area_controller}" if args.area_controller else ""
     options += " --train-class-filter" if args.train_class_filter else ""
+    options += " --train-embedding" if args.train_embedding else ""
     if args.peak_removed is not None:
         options += f" --peak-removed {args.peak_removed:g} --peak-window {args.peak_window}"
         options += f" --peak-ramp {args.peak_ramp:g}" if args.peak_ramp is not None else ""
@@ -363,7 +370,8 @@ def main() -> None:
                 explainer = fit_explainer(classifier, train, epochs=100, max_steps=args.steps,
                                           embedding_steps=args.embedding_steps, seed=seed, progress=False,
                                           precision="auto", encoder="small",
-                                          freeze_embedding="class_embedding" if args.train_class_filter else True,
+                                          freeze_embedding=("class_embedding" if args.train_class_filter
+                                                            else not args.train_embedding),
                                           encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
                                           objective=train_objective, removed_peak_weight=args.peak_removed or 0.0,
                                           removed_peak_cells=args.peak_window,
