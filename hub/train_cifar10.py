@@ -81,6 +81,9 @@ VARIANTS = {
     "fixed-stage-preserve1-fake50-embed8-removed-peak0.6": ({"preserve_weight": 1.0},
                                                             {"freeze_embedding": True, "fake_label_prob": 0.5,
                                                              "embedding_epochs": 8, "removed_peak_weight": 0.6}),
+    "fixed-stage-preserve1-fake50-embed8-removed-peak1": ({"preserve_weight": 1.0},
+                                                          {"freeze_embedding": True, "fake_label_prob": 0.5,
+                                                           "embedding_epochs": 8, "removed_peak_weight": 1.0}),
     # weight 1, leaving out images whose class survives a whole-image blur (the classifier calls
     # blurred images "cat"): the setting tight and selective on all ten planted seeds (docs/fit.md)
     "fixed-stage-preserve1-fake50-embed8-removed-peak1-skip0.5": (
