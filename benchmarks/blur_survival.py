@@ -60,7 +60,8 @@ def main() -> None:
     images, labels = load_pack(args.pack)["train"]
     rows, _ = heldout_split(labels)
     images, labels = images[rows], labels[rows]
-    classifier = load_classifier("cifar10").eval()
+    classifier, _ = load_classifier("cifar10")
+    classifier.eval()
     prob, top = blurred_probabilities(classifier, images, labels)
     survives = prob >= args.threshold
     print(f"Command: `python benchmarks/blur_survival.py {' '.join(map(shlex.quote, sys.argv[1:]))}`; machine: "
