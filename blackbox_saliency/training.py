@@ -334,9 +334,9 @@ def fit_explainer(
             from collapsing to nothing; on both planted-pattern tasks, after a short embedding
             stage, it localises far worse (hit rate 0.74 -> 0.29 and 0.42 -> 0.00), so it is
             not the default yet; but on the learned-CNN task with an 800-step stage (docs/fit.md,
-            2026-12-04) ``False`` left the masks of all five seeds loose, and ``True`` with
-            ``removed_peak_weight=1`` one seed's of ten. ``"class_embedding"`` fixes only the class embedding and leaves
-            the encoder to the mask losses and the presence loss; measured on the planted task
+            2026-12-04) ``False`` left all five seeds' masks loose, and ``True`` with
+            ``removed_peak_weight=1`` one seed's of ten. ``"class_embedding"`` fixes only the
+            class embedding and leaves the encoder to the mask losses and the presence loss; measured on the planted task
             (docs/fit.md) it loses the filter on 4 seeds of 5, no better than ``False``.
         presence_targets: which classes the presence loss calls present in an image: the
             ``"class"`` explained (default), or ``"class_and_prediction"``: the classifier's own
