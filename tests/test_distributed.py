@@ -53,8 +53,15 @@ def one_process(tmp_path_factory):
 
 # 0.26: about the median probability the matched filter gives an image's class once it is blurred,
 # so the processes keep different numbers of images
+@pytest.fixture(scope="module")
+def without_removed_peak(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plain")
+    _fit(tmp, "plain", 1, "--steps", "2", "--embedding-steps", "2")
+    return _weights(tmp / "plain")
+
+
 @pytest.mark.parametrize("skip", [None, "0.26"])
-def test_two_processes_train_the_removed_peak_as_one_does(tmp_path, skip):
+def test_two_processes_train_the_removed_peak_as_one_does(tmp_path, skip, without_removed_peak):
     # the removed peak's second encoder pass runs inside the DistributedDataParallel forward, and
     # the skip's mean is over the kept images of the whole batch, not of each process's share
     args = ["--steps", "2", "--embedding-steps", "2", "--removed-peak-weight", "1"]
@@ -64,13 +71,8 @@ def test_two_processes_train_the_removed_peak_as_one_does(tmp_path, skip):
     _fit(tmp_path, "two", 2, *args)
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     embedding = "masking_model.feature_filter.embedding.weight"
-    assert not torch.equal(one[embedding], _weights_without_removed_peak(tmp_path)[embedding])
+    assert not torch.equal(one[embedding], without_removed_peak[embedding])
     assert _worst_difference(one, two) < 1e-9
-
-
-def _weights_without_removed_peak(tmp_path: Path) -> dict[str, torch.Tensor]:
-    _fit(tmp_path, "plain", 1, "--steps", "2", "--embedding-steps", "2")
-    return _weights(tmp_path / "plain")
 
 
 def test_two_processes_train_what_one_trains(tmp_path, one_process):
