@@ -84,8 +84,8 @@ VARIANTS = {
     "fixed-stage-preserve1-fake50-embed8-removed-peak1": ({"preserve_weight": 1.0},
                                                           {"freeze_embedding": True, "fake_label_prob": 0.5,
                                                            "embedding_epochs": 8, "removed_peak_weight": 1.0}),
-    # weight 1, leaving out images whose class survives a whole-image blur (the classifier calls
-    # blurred images "cat"): the setting tight and selective on all ten planted seeds (docs/fit.md)
+    # weight 1, leaving out images whose class survives a whole-image blur: the setting tight and
+    # selective on all ten planted seeds, and worse masks on CIFAR-10's two seeds tried (docs/fit.md)
     "fixed-stage-preserve1-fake50-embed8-removed-peak1-skip0.5": (
         {"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.5, "embedding_epochs": 8,
                                    "removed_peak_weight": 1.0, "removed_peak_skip_background": 0.5}),
