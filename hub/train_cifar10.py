@@ -89,6 +89,15 @@ VARIANTS = {
     "fixed-stage-preserve1-fake50-embed8-removed-peak1-skip0.5": (
         {"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.5, "embedding_epochs": 8,
                                    "removed_peak_weight": 1.0, "removed_peak_skip_background": 0.5}),
+    # the shipped recipe with a less concave area term: at power 0.3 its pull on a mask pixel grows
+    # as the pixel fades (0.3 (m + eps)**-0.7: 0.3 at m = 1, ~60 at m = 0) while the classifier
+    # terms' does not, so a fading mask is pulled to empty; at power 1 the pull is the same everywhere
+    "fixed-stage-preserve1-fake50-embed8-power0.5": ({"preserve_weight": 1.0, "area_power": 0.5},
+                                                     {"freeze_embedding": True, "fake_label_prob": 0.5,
+                                                      "embedding_epochs": 8}),
+    "fixed-stage-preserve1-fake50-embed8-power1": ({"preserve_weight": 1.0, "area_power": 1.0},
+                                                   {"freeze_embedding": True, "fake_label_prob": 0.5,
+                                                    "embedding_epochs": 8}),
 }
 # the shipped explainer-cifar10 (since 2026-12-01, eleventh session; docs/objective.md, "Empty masks,
 # and a longer embedding stage"): 11 epochs, 8 of them the embedding stage, --seed 1
