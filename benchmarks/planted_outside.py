@@ -325,6 +325,7 @@ def main() -> None:
     options += f" --area-controller {args.area_controller}" if args.area_controller else ""
     options += " --train-class-filter" if args.train_class_filter else ""
     options += " --train-embedding" if args.train_embedding else ""
+    options += f" --threads {args.threads}" if args.threads else ""
     if args.peak_removed is not None:
         options += f" --peak-removed {args.peak_removed:g} --peak-window {args.peak_window}"
         options += f" --peak-ramp {args.peak_ramp:g}" if args.peak_ramp is not None else ""
