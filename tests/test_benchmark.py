@@ -304,3 +304,12 @@ def test_blur_survival_scores_each_image_blurred_whole_in_any_batch_size():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "blur_survival.py"), "--pack", "x", "--threshold", "2"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert bad.returncode != 0 and "--threshold: expected a probability in (0, 1], got 2.0" in bad.stderr
+
+
+def test_planted_test_settings_prints_a_row_per_task_seed_and_setting():
+    out = _benchmark("planted_test_settings.py", "--seeds", "0", "--steps", "4", "--embedding-steps", "2",
+                     "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| matched filter |") or line.startswith("| learned CNN |")]
+    assert len(rows) == 4
+    assert sum("| defaults |" in row for row in rows) == 2
+    assert "Command: `python benchmarks/planted_test_settings.py --seeds 0 --steps 4" in out

@@ -1,0 +1,86 @@
+"""The planted-evidence tests' own measurements (tests/test_planted_evidence.py: the matched filter
+and the learned CNN, 400 embedding-stage steps then 1,000 mask steps) under the library's defaults
+and under candidate defaults, over several seeds: what a change of defaults would do to them.
+
+    python benchmarks/planted_test_settings.py --seeds 0,1,2 --threads 2
+
+Prints a markdown table: hit rate (mask box IoU > 0.5 with the pattern), mean mask for the true and
+an absent class, mask inside / outside the pattern, and the classifier's probability of the class
+with the mask kept and removed. The tests' thresholds: hit rate >= 0.65 (matched filter); absent
+<= 0.05 and <= a fifth of the true class, inside > 0.5 and outside < 0.1 (learned CNN).
+"""
+
+import argparse
+import time
+from datetime import date
+
+import torch
+
+from blackbox_saliency import fit_explainer
+from blackbox_saliency._precision import describe_cpu
+from blackbox_saliency.testing import (PatternClassifier, PlantedPatterns, inside_boxes, mask_boxes, paired_box_iou,
+                                       train_pattern_cnn)
+
+ENCODER = {"encoder": "small", "encoder_kwargs": {"widths": [16, 32, 64]}}
+CONFIGS = {
+    "defaults": {},
+    "freeze_embedding=True, removed_peak_weight=1": {"freeze_embedding": True, "removed_peak_weight": 1.0},
+}
+
+
+def _scores(explainer, test: PlantedPatterns, classifier) -> dict[str, float]:
+    with torch.no_grad():
+        masks = explainer(test.images, test.labels)
+        absent = explainer(test.images, (test.labels + 1) % 4)
+        inside = inside_boxes(test.boxes, *masks.shape[-2:])
+
+        def prob(images):
+            return classifier(images).softmax(1).gather(1, test.labels.view(-1, 1)).mean().item()
+
+        return {"hit rate": (paired_box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item(),
+                "true": masks.mean().item(), "absent": absent.mean().item(),
+                "inside": masks[inside].mean().item(), "outside": masks[~inside].mean().item(),
+                "kept": prob(test.images * masks), "removed": prob(test.images * (1 - masks))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=1400, help="all steps, the embedding stage's included")
+    parser.add_argument("--embedding-steps", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--configs", default=";".join(CONFIGS), help=f"among {list(CONFIGS)}, separated by ';'")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c.strip() for c in args.configs.split(";")]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; known: {list(CONFIGS)}")
+    # the tests' data and classifiers (tests/test_planted_evidence.py)
+    matched = (PlantedPatterns(4000, patch=12, seed=0), PlantedPatterns(200, patch=12, seed=1), PatternClassifier(patch=12))
+    train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
+    learned = (train, PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11), train_pattern_cnn(train, steps=400))
+    tasks = {"matched filter": (matched, {}), "learned CNN": (learned, {"precision": "bf16"})}
+
+    print(f"Command: `python benchmarks/planted_test_settings.py --seeds {args.seeds} --steps {args.steps} "
+          f"--embedding-steps {args.embedding_steps}{f' --threads {args.threads}' if args.threads else ''}`; machine: "
+          f"{describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}.\n")
+    print("| task | seed | settings | hit rate | true | absent | inside / outside | p kept / removed | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in configs:
+            for task, ((train_set, test_set, classifier), options) in tasks.items():
+                start = time.perf_counter()
+                explainer = fit_explainer(classifier, train_set, epochs=100, max_steps=args.steps,
+                                          embedding_steps=args.embedding_steps, seed=seed, progress=False,
+                                          **ENCODER, **options, **CONFIGS[name])
+                seconds = time.perf_counter() - start
+                s = _scores(explainer, test_set, classifier)
+                print(f"| {task} | {seed} | {name} | {s['hit rate']:.2f} | {s['true']:.3f} | {s['absent']:.3f} | "
+                      f"{s['inside']:.2f} / {s['outside']:.3f} | {s['kept']:.3f} / {s['removed']:.3f} | {seconds:.0f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
