@@ -335,7 +335,9 @@ def fit_explainer(
             stage, it localises far worse (hit rate 0.74 -> 0.29 and 0.42 -> 0.00), so it is
             not the default yet; but on the learned-CNN task with an 800-step stage (docs/fit.md,
             2026-12-04) ``False`` left all five seeds' masks loose, and ``True`` with
-            ``removed_peak_weight=1`` one seed's of ten. ``"class_embedding"`` fixes only the
+            ``removed_peak_weight=1`` one seed's of ten; on the matched filter that pair
+            localises worse than the defaults on three seeds of three, and on CIFAR-10 both
+            vary more by seed than between them (docs/fit.md, 2026-12-05). ``"class_embedding"`` fixes only the
             class embedding and leaves the encoder to the mask losses and the presence loss; measured on the planted task
             (docs/fit.md) it loses the filter on 4 seeds of 5, no better than ``False``.
         presence_targets: which classes the presence loss calls present in an image: the
