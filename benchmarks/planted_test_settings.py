@@ -53,6 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     configs = [c.strip() for c in args.configs.split(";")]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -68,7 +72,7 @@ def main() -> None:
           f"{describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}.\n")
     print("| task | seed | settings | hit rate | true | absent | inside / outside | p kept / removed | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in seeds:
         for name in configs:
             for task, ((train_set, test_set, classifier), options) in tasks.items():
                 start = time.perf_counter()

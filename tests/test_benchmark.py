@@ -313,3 +313,11 @@ def test_planted_test_settings_prints_a_row_per_task_seed_and_setting():
     assert len(rows) == 4
     assert sum("| defaults |" in row for row in rows) == 2
     assert "Command: `python benchmarks/planted_test_settings.py --seeds 0 --steps 4" in out
+
+
+@pytest.mark.parametrize("args, message", [(["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+                                           (["--configs", "nope"], "--configs: unknown ['nope']")])
+def test_planted_test_settings_names_the_bad_argument(args, message):
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "planted_test_settings.py"), *args],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode != 0 and message in bad.stderr
