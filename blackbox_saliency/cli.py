@@ -114,9 +114,14 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--embedding-steps", type=int, default=None,
                      help="steps at the start that train only the class embedding, before the masks (default: a "
                      "quarter of the run; the shipped Lite0 explainer used 0 with --class-embedding classifier_head)")
-    fit.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding"], default=None,
+    fit.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding", "from_mask_losses"],
+                     default=None,
                      help="keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
-                     "the class embedding and any trainable encoder) or only the 'class_embedding'")
+                     "the class embedding and any trainable encoder) or only the 'class_embedding'; or "
+                     "'from_mask_losses': it trains on the presence loss only, the mask losses never reach it")
+    fit.add_argument("--gate-encoder", action="store_true",
+                     help="give the class filter its own copy of a trainable encoder (e.g. --encoder small), so the "
+                     "decoder's copy can learn from the mask losses while the filter keeps what it learnt")
     fit.add_argument("--presence-std-threshold", type=float, default=None,
                      help="call a class present in an image when its score stands this many standard deviations above "
                      "the image's mean class score (default: the paper's filter; the shipped Lite0 explainer uses 2)")
@@ -360,6 +365,7 @@ def _fit(args: argparse.Namespace) -> int:
             class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,
             freeze_embedding={None: False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
             presence_std_threshold=args.presence_std_threshold, removed_peak_weight=args.removed_peak_weight,
+            gate_encoder=args.gate_encoder,
             removed_peak_cells=args.removed_peak_cells, removed_peak_skip_background=args.removed_peak_skip_background,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},

@@ -112,7 +112,7 @@ class ClassifierInfo:
 #: before ``presence_reference`` and ``presence_std_threshold`` left class scores as they were.
 OLD_CONFIG_DEFAULTS: dict[str, Any] = {"class_filter": "bottleneck", "class_embedding": "learned",
                                        "class_embedding_features": None, "presence_reference": None,
-                                       "presence_std_threshold": None}
+                                       "presence_std_threshold": None, "gate_encoder": False}
 
 
 def _schema(*types: type) -> Any:
@@ -152,6 +152,7 @@ class ExplainerConfig:
     class_embedding_features: int | None = _schema(int, type(None))
     presence_reference: float | None = _schema(int, float, type(None))
     presence_std_threshold: float | None = _schema(int, float, type(None))
+    gate_encoder: bool = _schema(bool)
     objective: dict[str, Any] = _schema(dict)
     classifier: ClassifierInfo = field(default_factory=ClassifierInfo)
     training: dict[str, Any] | None = None
@@ -297,6 +298,11 @@ class Explainer(
             each image's class scores over the classes and call a class present when it stands
             ``t`` deviations above their mean (see
             :class:`~blackbox_saliency.masking_model.FeatureFilter`); not with ``presence_reference``.
+        gate_encoder: False (default, the paper's: one encoder) or True: the class filter's gate
+            reads its own copy of a trainable encoder and the decoder the other copy, so that
+            training can keep the filter as its embedding stage left it while the decoder's
+            features go on learning (``fit_explainer(..., freeze_embedding=True or
+            "from_mask_losses")``). Twice the encoder's cost per image.
 
     Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
     would otherwise leave them out of the saved config without a word.
@@ -325,6 +331,7 @@ class Explainer(
         class_embedding_features: int | None = None,
         presence_reference: float | None = None,
         presence_std_threshold: float | None = None,
+        gate_encoder: bool = False,
     ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
@@ -350,14 +357,15 @@ class Explainer(
             freeze_encoder = bool(pretrained_encoder) or isinstance(encoder, nn.Module)
         self.masking_model = MaskingModel(
             module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter,
-            class_embedding, class_embedding_features, presence_reference, presence_std_threshold,
+            class_embedding, class_embedding_features, presence_reference, presence_std_threshold, gate_encoder,
         )
         self.config = ExplainerConfig(
             num_classes=num_classes, encoder=encoder_name, encoder_kwargs=encoder_kwargs, in_chans=in_chans,
             mask_reduction=mask_reduction, width_multiplier=width_multiplier, num_bottlenecks=num_bottlenecks,
             freeze_encoder=freeze_encoder, class_filter=class_filter, class_embedding=class_embedding,
             class_embedding_features=class_embedding_features, presence_reference=presence_reference,
-            presence_std_threshold=presence_std_threshold, objective=objective, classifier=info,
+            presence_std_threshold=presence_std_threshold, gate_encoder=gate_encoder, objective=objective,
+            classifier=info,
         )
 
     # The mixin keeps the config it saves in ``_hub_mixin_config``, built from the constructor's
@@ -412,7 +420,7 @@ class Explainer(
         self.eval()
         param = next(self.parameters())
         try:
-            means = [model.feature_filter.raw_class_logits(model._features(chunk.to(param.device, param.dtype))[-1])
+            means = [model.feature_filter.raw_class_logits(model._gate_features(chunk.to(param.device, param.dtype)))
                      .float().mean(1) for chunk in images.split(batch_size)]
         finally:
             self.train(was_training)
@@ -556,7 +564,7 @@ class Explainer(
             freeze_encoder=config.freeze_encoder, objective=config.objective, classifier_info=config.classifier,
             class_filter=config.class_filter, class_embedding=config.class_embedding,
             class_embedding_features=config.class_embedding_features, presence_reference=config.presence_reference,
-            presence_std_threshold=config.presence_std_threshold,
+            presence_std_threshold=config.presence_std_threshold, gate_encoder=config.gate_encoder,
         )
         explainer.config = copy.deepcopy(config)
         return explainer

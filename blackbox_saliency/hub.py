@@ -95,7 +95,8 @@ def model_card(config: "ExplainerConfig", card_data: ModelCardData, repo_id: str
         f"- classes: {config.num_classes}", "",
         "## The explainer", "",
         f"- encoder: `{config.encoder}` {json.dumps(config.encoder_kwargs)}, "
-        f"{'frozen' if config.freeze_encoder else 'trained'}",
+        f"{'frozen' if config.freeze_encoder else 'trained'}"
+        + ("; the class filter reads its own copy of it (`gate_encoder`)" if config.gate_encoder else ""),
         f"- mask at 1/{config.mask_reduction} of the input resolution, upsampled bilinearly",
         f"- class filter: `{config.class_filter}`, class embedding `{config.class_embedding}`, class scores "
         + (f"centred per image on {config.presence_reference:.4f} (`presence_reference`)"

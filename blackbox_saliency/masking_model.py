@@ -3,6 +3,7 @@ filter at the coarsest scale (the paper's section 4, figure 4)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -140,15 +141,20 @@ class FeatureFilter(nn.Module):
         shift, scale = self._normalisation(logits)
         return (logits - shift[:, None].to(logits.dtype)) / scale[:, None].to(logits.dtype)
 
-    def forward(self, features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, class_ids: torch.Tensor, gate_features: torch.Tensor | None = None,
+                detach_gate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Filtered features, the attention ``sigmoid(X_ij^T C_s)`` ``(N, 1, h, w)`` and the
-        per-image ``max_ij X_ij^T C_s`` (centred or standardised when set)."""
+        per-image ``max_ij X_ij^T C_s`` (centred or standardised when set). ``X`` is
+        ``gate_features`` when given (a separate gate encoder's map), else ``features``.
+        ``detach_gate``: no gradient reaches ``X`` or ``C_s`` through the attention (the
+        per-image score still passes it)."""
+        gate = features if gate_features is None else gate_features
         class_embedding = self.embeddings(class_ids)  # (N, C)
-        logits = torch.einsum("nchw,nc->nhw", features, class_embedding.to(features.dtype)).unsqueeze(1)
+        logits = torch.einsum("nchw,nc->nhw", gate, class_embedding.to(gate.dtype)).unsqueeze(1)
         if self.normalises:
-            shift, scale = self._normalisation(self.raw_class_logits(features))
+            shift, scale = self._normalisation(self.raw_class_logits(gate))
             logits = (logits - shift[:, None, None, None].to(logits.dtype)) / scale[:, None, None, None].to(logits.dtype)
-        attention = torch.sigmoid(logits)
+        attention = torch.sigmoid(logits.detach() if detach_gate else logits)
         return features * attention, attention, logits.flatten(1).amax(1)
 
 
@@ -221,6 +227,11 @@ class MaskingModel(nn.Module):
     image's class scores over the classes and call a class present ``t`` deviations above their
     mean (see :class:`FeatureFilter`).
 
+    ``gate_encoder``: False (the paper's: one encoder), or True: the feature filter's gate and
+    class scores read their own copy of the encoder (``self.gate_encoder``), and the decoder the
+    other. Training can then fix the gate after the embedding stage while the decoder's encoder
+    goes on learning from the mask losses. Only for a trainable encoder.
+
     Example:
         >>> from blackbox_saliency.encoders import SmallEncoder
         >>> model = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=10)
@@ -242,8 +253,14 @@ class MaskingModel(nn.Module):
         class_embedding_features: int | None = None,
         presence_reference: float | None = None,
         presence_std_threshold: float | None = None,
+        gate_encoder: bool = False,
     ):
         super().__init__()
+        if not isinstance(gate_encoder, bool):
+            raise TypeError(f"gate_encoder: expected True or False, got {gate_encoder!r}")
+        if gate_encoder and freeze_encoder:
+            raise ValueError("gate_encoder: a frozen encoder gives the gate and the decoder the same features; "
+                             "a separate gate encoder needs a trainable one (freeze_encoder=False)")
         if class_filter not in CLASS_FILTERS:
             raise ValueError(f"class_filter: expected one of {CLASS_FILTERS}, got {class_filter!r}")
         if class_embedding not in CLASS_EMBEDDINGS:
@@ -263,6 +280,8 @@ class MaskingModel(nn.Module):
         if reductions[-1] <= mask_reduction:
             raise ValueError(f"encoder: its coarsest map (reduction {reductions[-1]}) must be coarser than the mask's")
         self.encoder = encoder
+        self.gate_encoder = copy.deepcopy(encoder) if gate_encoder else None
+        self.detach_gate = False  # set by training: the mask losses then never reach the gate
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:  # the whole encoder, or only the trunk of a ViT pyramid (encoders.frozen_part)
             frozen_part(encoder).requires_grad_(False)
@@ -290,26 +309,32 @@ class MaskingModel(nn.Module):
             frozen_part(self.encoder).eval()  # a frozen encoder keeps its BatchNorm statistics
         return self
 
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _features(self, images: torch.Tensor, encoder: nn.Module | None = None) -> list[torch.Tensor]:
+        encoder = self.encoder if encoder is None else encoder
         height, width = images.shape[-2:]
         pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
         if pad_h or pad_w:  # any size works: pad to a multiple of the encoder's stride, crop after
             images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
         whole = self.freeze_encoder and frozen_part(self.encoder) is self.encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not whole):
-            return self.encoder(images)
+            return encoder(images)
+
+    def _gate_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The coarsest map the feature filter's gate and class scores read."""
+        return self._features(images, self.gate_encoder)[-1]
 
     def presence(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, K)`` class logits ``max_ij X_ij^T C_k`` of the feature filter, without the
         decoder: what the embedding stage of training trains."""
-        return self.feature_filter.class_logits(self._features(images)[-1]).float()
+        return self.feature_filter.class_logits(self._gate_features(images)).float()
 
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor, class_logits: bool = False) -> MaskOutput:
         """Masks for ``class_ids``; ``class_logits=True`` also scores every class (training)."""
         height, width = images.shape[-2:]
         features = self._features(images)
-        x, attention, presence_logit = self.feature_filter(features[-1], class_ids)
-        scores = self.feature_filter.class_logits(features[-1]).float() if class_logits else None
+        gate = self._gate_features(images) if self.gate_encoder is not None else features[-1]
+        x, attention, presence_logit = self.feature_filter(features[-1], class_ids, gate, self.detach_gate)
+        scores = self.feature_filter.class_logits(gate).float() if class_logits else None
         for i, upsampler in zip(self._skip_indices, self.upsamplers):
             skip = features[i]
             if self.class_filter == "all":

@@ -252,9 +252,9 @@ def test_shipped_configs_load_and_save_unchanged(name, tmp_path):
     original = json.loads((folder / "config.json").read_text())
     explainer = Explainer.from_pretrained(folder)
     # written before class_filter existed, the demo means the paper's filter; written before
-    # class_embedding existed, both learn one embedding per class
+    # class_embedding existed, both learn one embedding per class; before gate_encoder, one encoder
     added = {"class_filter": "bottleneck", "class_embedding": "learned", "class_embedding_features": None,
-             "presence_reference": None, "presence_std_threshold": None}
+             "presence_reference": None, "presence_std_threshold": None, "gate_encoder": False}
     assert explainer.config.to_dict() == {**added, **original}
     assert explainer.masking_model.class_filter == original.get("class_filter", "bottleneck")
     assert explainer.config.classifier.input_size == original["classifier"]["input_size"]

@@ -62,3 +62,38 @@ def test_encoder_errors():
         build_encoder(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="num_classes"):
         Explainer(num_classes=1, **SMALL)
+
+
+def test_a_gate_encoder_decides_the_gate_and_the_other_encoder_the_features():
+    torch.manual_seed(0)
+    model = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=4, gate_encoder=True).eval()
+    x, ids = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    gate = model.gate_encoder(x)[-1]
+    out = model(x, ids, class_logits=True)
+    # the gate and the class scores read the gate's copy ...
+    expected = torch.einsum("nchw,nc->nhw", gate, model.feature_filter.embeddings(ids)).flatten(1).amax(1)
+    assert torch.allclose(out.presence_logit, expected, atol=1e-5)
+    assert torch.allclose(out.class_logits, model.presence(x), atol=1e-5)
+    # ... so changing the decoder's encoder changes the mask but not the scores
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.mul_(1.5)
+    moved = model(x, ids, class_logits=True)
+    assert torch.allclose(moved.presence_logit, out.presence_logit) and not torch.allclose(moved.mask, out.mask)
+
+
+def test_a_gate_encoder_needs_a_trainable_encoder_and_survives_saving(tmp_path):
+    with pytest.raises(ValueError, match="gate_encoder"):
+        MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=4, gate_encoder=True, freeze_encoder=True)
+    with pytest.raises(TypeError, match="gate_encoder"):
+        MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=4, gate_encoder="yes")
+    explainer = Explainer(num_classes=4, gate_encoder=True, **SMALL).eval()
+    with torch.no_grad():
+        for p in explainer.masking_model.gate_encoder.parameters():
+            p.add_(0.1)
+    explainer.save_pretrained(tmp_path)
+    loaded = Explainer.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.config.gate_encoder is True
+    assert torch.equal(loaded(x, 1), explainer(x, 1))
+    assert Explainer(num_classes=4, **SMALL).masking_model.gate_encoder is None  # the paper's: one encoder

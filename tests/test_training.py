@@ -236,6 +236,40 @@ def test_freeze_embedding_class_embedding_fixes_the_filter_but_trains_the_encode
     assert explainer.config.training["freeze_embedding"] == "class_embedding"
 
 
+def test_a_gate_encoder_is_fixed_with_the_filter_while_the_decoders_encoder_trains_on():
+    # 2 embedding steps train the gate's encoder; the decoder's starts from it and trains on
+    stage_only = _fit(seed=3, embedding_steps=2, max_steps=2, freeze_embedding=True, gate_encoder=True)
+    explainer = _fit(seed=3, embedding_steps=2, max_steps=4, freeze_embedding=True, gate_encoder=True)
+    before, after = stage_only.state_dict(), explainer.state_dict()
+    gate = [k for k in after if k.startswith(("masking_model.gate_encoder.", "masking_model.feature_filter."))]
+    decoders = [k for k in after if k.startswith("masking_model.encoder.") and k.endswith("weight")]
+    assert gate and decoders
+    assert all(torch.equal(before[k], after[k]) for k in gate)
+    # the embedding stage trained only the gate's copy (the two start equal)
+    assert any(not torch.equal(before[k], before[k.replace(".encoder.", ".gate_encoder.")]) for k in decoders)
+    # and the mask stage moved it away from the gate's copy it started as
+    assert any(not torch.equal(after[k], after[k.replace(".encoder.", ".gate_encoder.")]) for k in decoders)
+    assert explainer.config.gate_encoder is True
+
+
+def test_from_mask_losses_trains_the_gate_on_the_presence_loss_only():
+    def gate_weights(explainer):
+        model = explainer.masking_model
+        return [p.detach().clone() for part in (model.gate_encoder, model.feature_filter) for p in part.parameters()]
+
+    common = dict(seed=3, embedding_steps=2, gate_encoder=True, freeze_embedding="from_mask_losses")
+    stage_only = gate_weights(_fit(max_steps=2, **common))
+    # without the presence loss in the mask stage nothing reaches the gate: the masks' gradient stops there
+    still = _fit(max_steps=4, presence_weight=0.0, **common)
+    assert all(torch.equal(a, b) for a, b in zip(stage_only, gate_weights(still)))
+    assert not still.masking_model.detach_gate  # a later fine-tuning is not affected
+    # with it the gate trains on
+    moved = gate_weights(_fit(max_steps=4, **common))
+    assert any(not torch.equal(a, b) for a, b in zip(stage_only, moved))
+    with pytest.raises(TypeError, match="freeze_embedding"):
+        _fit(max_steps=1, freeze_embedding="from_masks")
+
+
 def test_freeze_embedding_is_off_by_default_and_a_bool():
     assert _fit(max_steps=1).config.training["freeze_embedding"] is False
     with pytest.raises(TypeError, match="freeze_embedding"):
