@@ -100,6 +100,17 @@ VARIANTS = {
     "fixed-stage-preserve1-fake50-embed8-power1": ({"preserve_weight": 1.0, "area_power": 1.0},
                                                    {"freeze_embedding": True, "fake_label_prob": 0.5,
                                                     "embedding_epochs": 8}),
+    # the shipped recipe with a separate gate encoder (issue #11): the class filter reads the copy
+    # the embedding stage trained, fixed after it, while the decoder's copy starts from it and
+    # goes on learning from the mask losses instead of staying as the embedding stage left it
+    "fixed-stage-preserve1-fake50-embed8-gate": ({"preserve_weight": 1.0},
+                                                 {"freeze_embedding": True, "fake_label_prob": 0.5,
+                                                  "embedding_epochs": 8, "gate_encoder": True}),
+    # the setting that passed both planted tasks' tests on most seeds (docs/fit.md, 2026-12-05): the
+    # gate's copy trains on the presence loss only, all run long; the removed peak in its first stage
+    "preserve1-fake50-embed8-removed-peak1-gate-from-mask-losses": (
+        {"preserve_weight": 1.0}, {"freeze_embedding": "from_mask_losses", "fake_label_prob": 0.5,
+                                   "embedding_epochs": 8, "removed_peak_weight": 1.0, "gate_encoder": True}),
 }
 # the shipped explainer-cifar10 (since 2026-12-01, eleventh session; docs/objective.md, "Empty masks,
 # and a longer embedding stage"): 11 epochs, 8 of them the embedding stage, --seed 1

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -307,12 +308,16 @@ def test_blur_survival_scores_each_image_blurred_whole_in_any_batch_size():
 
 
 def test_planted_test_settings_prints_a_row_per_task_seed_and_setting():
-    out = _benchmark("planted_test_settings.py", "--seeds", "0", "--steps", "4", "--embedding-steps", "2",
-                     "--threads", "1")
+    args = ["--seeds", "0", "--steps", "4", "--embedding-steps", "2", "--threads", "1",
+            "--configs", "defaults;gate_encoder=True, freeze_embedding=True"]
+    out = _benchmark("planted_test_settings.py", *args)
     rows = [line for line in out.splitlines() if line.startswith("| matched filter |") or line.startswith("| learned CNN |")]
     assert len(rows) == 4
     assert sum("| defaults |" in row for row in rows) == 2
-    assert "Command: `python benchmarks/planted_test_settings.py --seeds 0 --steps 4" in out
+    assert sum("| 0 | gate_encoder=True, freeze_embedding=True |" in row for row in rows) == 2
+    # the printed command reproduces the table: the shell gives back the arguments it was run with
+    command = out.split("Command: `", 1)[1].split("`", 1)[0]
+    assert shlex.split(command) == ["python", "benchmarks/planted_test_settings.py", *args]
 
 
 @pytest.mark.parametrize("args, message", [(["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
