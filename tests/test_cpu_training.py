@@ -306,7 +306,7 @@ def test_removed_peak_skip_background_leaves_out_the_images_whose_class_survives
     model, _ = _peaked_model_and_features()
     # the presence logit on what is left: 2 for both classes (a random encoder's features are
     # near 0, and a logit of 0 costs log 2 whatever the target)
-    model._features = lambda x: [torch.full((len(x), 32, 4, 4), 2.0)]
+    model._features = lambda x, encoder=None: [torch.full((len(x), 32, 4, 4), 2.0)]
     with torch.no_grad():
         model.feature_filter.embedding.weight[1, 0] = 1.0
     images = torch.zeros(2, 3, 32, 32)
