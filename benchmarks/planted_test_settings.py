@@ -54,6 +54,12 @@ def _scores(explainer, test: PlantedPatterns, classifier) -> dict[str, float]:
                 "kept": prob(test.images * masks), "removed": prob(test.images * (1 - masks))}
 
 
+def _shell_quoted(value: str) -> str:
+    """``value`` as one shell word: in double quotes where that is safe, which reads better
+    than shlex's quoting of the single quotes the settings contain."""
+    return f'"{value}"' if not set(value) & set('"$`\\!') else shlex.quote(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -61,6 +67,8 @@ def main() -> None:
     parser.add_argument("--embedding-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--configs", default=";".join(DEFAULT_CONFIGS), help=f"among {list(CONFIGS)}, separated by ';'")
+    parser.add_argument("--learned-precision", choices=["bf16", "fp32"], default="bf16",
+                        help="the learned-CNN task's training precision (the test's: bf16 autocast)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,11 +84,12 @@ def main() -> None:
     matched = (PlantedPatterns(4000, patch=12, seed=0), PlantedPatterns(200, patch=12, seed=1), PatternClassifier(patch=12))
     train = PlantedPatterns(4000, size=40, patch=8, noise=0.15, seed=10)
     learned = (train, PlantedPatterns(300, size=40, patch=8, noise=0.15, seed=11), train_pattern_cnn(train, steps=400))
-    tasks = {"matched filter": (matched, {}), "learned CNN": (learned, {"precision": "bf16"})}
+    tasks = {"matched filter": (matched, {}), "learned CNN": (learned, {"precision": args.learned_precision})}
 
     print(f"Command: `python benchmarks/planted_test_settings.py --seeds {args.seeds} --steps {args.steps} "
           f"--embedding-steps {args.embedding_steps}{f' --threads {args.threads}' if args.threads else ''}"
-          f"{f' --configs {shlex.quote(args.configs)}' if args.configs != parser.get_default('configs') else ''}`; machine: "
+          f"{f' --configs {_shell_quoted(args.configs)}' if args.configs != parser.get_default('configs') else ''}"
+          f"{f' --learned-precision {args.learned_precision}' if args.learned_precision != 'bf16' else ''}`; machine: "
           f"{describe_cpu()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; date: {date.today()}.\n")
     print("| task | seed | settings | hit rate | true | absent | inside / outside | p kept / removed | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -309,12 +309,12 @@ def test_blur_survival_scores_each_image_blurred_whole_in_any_batch_size():
 
 def test_planted_test_settings_prints_a_row_per_task_seed_and_setting():
     args = ["--seeds", "0", "--steps", "4", "--embedding-steps", "2", "--threads", "1",
-            "--configs", "defaults;gate_encoder=True, freeze_embedding=True"]
+            "--configs", "defaults;gate_encoder=True, freeze_embedding='from_mask_losses'", "--learned-precision", "fp32"]
     out = _benchmark("planted_test_settings.py", *args)
     rows = [line for line in out.splitlines() if line.startswith("| matched filter |") or line.startswith("| learned CNN |")]
     assert len(rows) == 4
     assert sum("| defaults |" in row for row in rows) == 2
-    assert sum("| 0 | gate_encoder=True, freeze_embedding=True |" in row for row in rows) == 2
+    assert sum("| 0 | gate_encoder=True, freeze_embedding='from_mask_losses' |" in row for row in rows) == 2
     # the printed command reproduces the table: the shell gives back the arguments it was run with
     command = out.split("Command: `", 1)[1].split("`", 1)[0]
     assert shlex.split(command) == ["python", "benchmarks/planted_test_settings.py", *args]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blackbox_saliency import Explainer, fit_explainer
+from blackbox_saliency._precision import describe_cpu
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, inside_boxes, mask_boxes, train_pattern_cnn
 
 PATCH = 12
@@ -98,10 +99,14 @@ def test_learned_classifier_absent_class_gets_an_empty_mask_and_present_one_sits
     _check_learned(*learned[:2])
 
 
+# Measured with bf16 autocast, which only AMX runs at speed: emulated (e.g. an AMD EPYC) this
+# test would add about half an hour to the suite, and in float32 the setting fails on this seed.
+@pytest.mark.skipif("AMX-BF16" not in describe_cpu(), reason="bf16 training without AMX is emulated: ~30 min")
 def test_a_separate_gate_encoder_passes_where_the_defaults_do_not(learned):
     # seed 1: the defaults' masks spread off the pattern (outside 0.34); with the gate's own encoder
     # trained on the presence loss only and the removed peak, measured 2026-12-05: absent 0.000,
-    # true 0.060, inside 0.77, outside 0.031 (benchmarks/planted_test_settings.py, docs/fit.md)
+    # true 0.060, inside 0.77, outside 0.031 (benchmarks/planted_test_settings.py, docs/fit.md);
+    # in float32 (2026-12-05, 145 s): absent 0.001, true 0.289, outside 0.268, which fails
     _, test, classifier, train = learned
     explainer = fit_explainer(classifier, train, epochs=100, max_steps=1400, embedding_steps=400, seed=1,
                               progress=False, precision="bf16", gate_encoder=True,
