@@ -9,10 +9,12 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.mark.parametrize("presence", [{}, {"presence_reference": 0.3}, {"presence_std_threshold": 1.0}])
-def test_onnx_export_matches_pytorch(tmp_path, presence):
+# gate_encoder: the perturbation below makes its two encoders differ, so both must be exported
+@pytest.mark.parametrize("options", [{}, {"presence_reference": 0.3}, {"presence_std_threshold": 1.0},
+                                     {"gate_encoder": True}])
+def test_onnx_export_matches_pytorch(tmp_path, options):
     torch.manual_seed(0)
-    explainer = Explainer(num_classes=4, **SMALL, classifier_info={"input_size": [3, 32, 32]}, **presence).eval()
+    explainer = Explainer(num_classes=4, **SMALL, classifier_info={"input_size": [3, 32, 32]}, **options).eval()
     with torch.no_grad():  # weights away from their init, so every class scores differently
         for p in explainer.parameters():
             p.add_(torch.randn_like(p) * 0.1)
