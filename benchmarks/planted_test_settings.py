@@ -31,6 +31,8 @@ CONFIGS = {
                                                                "freeze_embedding": "from_mask_losses"},
     "gate_encoder=True, freeze_embedding='from_mask_losses', removed_peak_weight=1": {
         "gate_encoder": True, "freeze_embedding": "from_mask_losses", "removed_peak_weight": 1.0},
+    "gate_encoder=True, freeze_embedding='decoder_encoder', removed_peak_weight=1": {
+        "gate_encoder": True, "freeze_embedding": "decoder_encoder", "removed_peak_weight": 1.0},
     "gate_encoder=True, freeze_embedding=True, removed_peak_weight=1": {"gate_encoder": True, "freeze_embedding": True,
                                                                        "removed_peak_weight": 1.0},
 }

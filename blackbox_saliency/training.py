@@ -37,6 +37,8 @@ __all__ = ["fit_explainer", "CHECKPOINT_NAME"]
 logger = logging.getLogger(__name__)
 _RENAMED_ARGUMENTS = {"selector": "class_source", "selector_weight": "presence_weight"}
 _SYNC_EVERY = 20  # steps between reading losses back from the device
+# freeze_embedding's string modes: what of the embedding stage stays fixed in the mask stage
+FREEZE_MODES = ("class_embedding", "from_mask_losses", "decoder_encoder")
 # The removed peak's region is replaced by a blurred copy, never a random colour: a flat square
 # with hard edges, which the classifier ignores, taught as "absent" to an encoder still in
 # training shut whole classes' gates on the planted task (docs/fit.md, "Tying the gate's peak").
@@ -261,7 +263,7 @@ def fit_explainer(
     presence_weight: float = 1.0,
     embedding_loss: Literal["all_classes", "sampled"] = "all_classes",
     embedding_steps: int | None = None,
-    freeze_embedding: bool | Literal["class_embedding", "from_mask_losses"] = False,
+    freeze_embedding: bool | Literal["class_embedding", "from_mask_losses", "decoder_encoder"] = False,
     presence_targets: Literal["class", "class_and_prediction"] = "class",
     removed_peak_weight: float = 0.0,
     removed_peak_cells: int = 3,
@@ -349,6 +351,10 @@ def fit_explainer(
             (docs/fit.md, 2026-12-05): with ``gate_encoder=True`` and ``removed_peak_weight=1``
             both tests passed on 4 seeds of 5 (the defaults: 2 of 5), the learned-CNN one on all
             five; on CIFAR-10 a decoder's encoder that learns gave worse boxes (docs/objective.md).
+            ``"decoder_encoder"``: as ``"from_mask_losses"``, but the encoder the decoder reads
+            stays as the stage left it (with ``gate_encoder=True`` the decoder's copy, while the
+            gate's trains on the presence loss; without it the shared encoder, so only the
+            class embedding trains on).
         presence_targets: which classes the presence loss calls present in an image: the
             ``"class"`` explained (default), or ``"class_and_prediction"``: the classifier's own
             top class too. For data whose labels cover only some of the classifier's classes
@@ -456,8 +462,8 @@ def fit_explainer(
     if embedding_steps is not None and (isinstance(embedding_steps, bool) or not isinstance(embedding_steps, int)
                                         or embedding_steps < 0):
         raise ValueError(f"embedding_steps: expected an int >= 0, got {embedding_steps!r}")
-    if not isinstance(freeze_embedding, bool) and freeze_embedding not in ("class_embedding", "from_mask_losses"):
-        raise TypeError(f"freeze_embedding: expected True, False, 'class_embedding' or 'from_mask_losses', "
+    if not isinstance(freeze_embedding, bool) and freeze_embedding not in FREEZE_MODES:
+        raise TypeError(f"freeze_embedding: expected True, False, {', '.join(map(repr, FREEZE_MODES))}, "
                         f"got {freeze_embedding!r}")
     if class_source not in ("label", "prediction", "correct"):
         raise ValueError(f"class_source: expected 'label', 'prediction' or 'correct', got {class_source!r}")
@@ -605,13 +611,28 @@ def _fix_embedding_stage(explainer: Explainer, encoder: bool = True) -> list[nn.
     model = explainer.masking_model
     # with a separate gate encoder the embedding stage trained that one; the decoder's stays free
     trained = model.encoder if model.gate_encoder is None else model.gate_encoder
-    parts = (model.feature_filter, trained) if encoder else (model.feature_filter,)
+    params = _freeze(model.feature_filter, trained) if encoder else _freeze(model.feature_filter)
+    if encoder:
+        trained.eval()
+    return params
+
+
+def _fix_decoder_encoder(explainer: Explainer) -> list[nn.Parameter]:
+    """Freeze the encoder the decoder reads as the embedding stage left it, BatchNorm statistics
+    too: with a separate gate encoder the decoder's copy (the gate's trains on), otherwise the
+    shared one. Returns the parameters frozen here."""
+    encoder = explainer.masking_model.encoder
+    params = _freeze(encoder)
+    encoder.eval()
+    return params
+
+
+def _freeze(*parts: nn.Module) -> list[nn.Parameter]:
+    """Stop the trainable parameters of ``parts`` training; returns them, to unfreeze later."""
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
         p.grad = None  # Adam skips a parameter without a gradient
-    if encoder:
-        trained.eval()
     return params
 
 
@@ -822,9 +843,12 @@ def _train(classifier, dataset, explainer: Explainer, objective: SaliencyObjecti
                 labels = torch.as_tensor(labels).to(device, non_blocking=True).long()
                 if step == stage and stage > 0:
                     _start_decoder_encoder(explainer)
-                explainer.masking_model.detach_gate = settings.freeze_embedding == "from_mask_losses" and step >= stage
+                explainer.masking_model.detach_gate = (settings.freeze_embedding in ("from_mask_losses", "decoder_encoder")
+                                                       and step >= stage)
                 if settings.freeze_embedding in (True, "class_embedding") and step >= stage and not fixed:
                     fixed = _fix_embedding_stage(explainer, encoder=settings.freeze_embedding is True)
+                if settings.freeze_embedding == "decoder_encoder" and step >= stage and not fixed:
+                    fixed = _fix_decoder_encoder(explainer)
                 bf16 = parts.embedding_stage if step < stage else parts.masking_model
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     if step < stage:

@@ -270,6 +270,25 @@ def test_from_mask_losses_trains_the_gate_on_the_presence_loss_only():
         _fit(max_steps=1, freeze_embedding="from_masks")
 
 
+def test_decoder_encoder_fixes_the_decoders_copy_and_trains_the_gate_on_the_presence_loss():
+    common = dict(seed=3, embedding_steps=2, gate_encoder=True, freeze_embedding="decoder_encoder")
+    before = _fit(max_steps=2, **common).state_dict()
+    explainer = _fit(max_steps=4, **common)
+    after = explainer.state_dict()
+    decoders = [k for k in after if k.startswith("masking_model.encoder.")]
+    gate = [k for k in after if k.startswith("masking_model.gate_encoder.") and k.endswith("weight")]
+    upsamplers = [k for k in after if k.startswith("masking_model.upsamplers.") and k.endswith("weight")]
+    assert decoders and gate and upsamplers
+    # the decoder's copy, BatchNorm statistics too, is the gate's as the stage left it
+    assert all(torch.equal(after[k], before[k.replace(".encoder.", ".gate_encoder.")]) for k in decoders)
+    assert any(not torch.equal(before[k], after[k]) for k in gate)  # the presence loss moves the gate's
+    assert any(not torch.equal(before[k], after[k]) for k in upsamplers)
+    assert all(p.requires_grad for p in explainer.parameters()) and not explainer.masking_model.detach_gate
+    # without the presence loss nothing the stage trained moves
+    still = _fit(max_steps=4, presence_weight=0.0, **common).state_dict()
+    assert all(torch.equal(before[k], still[k]) for k in gate)
+
+
 def test_freeze_embedding_is_off_by_default_and_a_bool():
     assert _fit(max_steps=1).config.training["freeze_embedding"] is False
     with pytest.raises(TypeError, match="freeze_embedding"):
