@@ -33,6 +33,10 @@ CONFIGS = {
         "gate_encoder": True, "freeze_embedding": "from_mask_losses", "removed_peak_weight": 1.0},
     "gate_encoder=True, freeze_embedding='decoder_encoder', removed_peak_weight=1": {
         "gate_encoder": True, "freeze_embedding": "decoder_encoder", "removed_peak_weight": 1.0},
+    # the decoder's copy learns for the first half of the 1,000 mask steps, then stays fixed
+    "gate_encoder=True, freeze_embedding='decoder_encoder', decoder_encoder_steps=500, removed_peak_weight=1": {
+        "gate_encoder": True, "freeze_embedding": "decoder_encoder", "decoder_encoder_steps": 500,
+        "removed_peak_weight": 1.0},
     "gate_encoder=True, freeze_embedding=True, removed_peak_weight=1": {"gate_encoder": True, "freeze_embedding": True,
                                                                        "removed_peak_weight": 1.0},
 }

@@ -16,7 +16,7 @@ CHECKPOINT_NAME = "last.pt"
 # Settings renamed since checkpoints were first written: old checkpoints still resume.
 _RENAMED_SETTINGS = {"selector": "class_source", "selector_weight": "presence_weight"}
 _OLD_SETTINGS_DEFAULTS = {"presence_targets": "class", "removed_peak_weight": 0.0, "removed_peak_cells": 3,
-                          "removed_peak_skip_background": None}
+                          "removed_peak_skip_background": None, "decoder_encoder_steps": 0}
 
 
 def save_checkpoint(path: Path, explainer: Explainer, optimizer: torch.optim.Optimizer, settings: dict[str, Any],

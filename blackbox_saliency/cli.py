@@ -137,6 +137,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="with --removed-peak-weight: leave out of that loss each image whose class keeps probability "
                      ">= T once the whole image is blurred, a class the classifier calls on bare background "
                      "(default: keep every image; docs/fit.md measures 0.5)")
+    fit.add_argument("--decoder-encoder-steps", type=int, default=0, metavar="N",
+                     help="with --freeze-embedding decoder_encoder: the decoder's encoder learns from the mask losses "
+                     "for the mask stage's first N steps, then stays fixed (default 0: fixed from the start)")
     fit.add_argument("--epochs", type=int, default=20)
     fit.add_argument("--batch-size", type=int, default=64)
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -332,7 +335,8 @@ _FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", 
               "epochs": "--epochs", "device": "--device", "seed": "--seed",
               "embedding_steps": "--embedding-steps", "removed_peak_weight": "--removed-peak-weight",
               "removed_peak_cells": "--removed-peak-cells",
-              "removed_peak_skip_background": "--removed-peak-skip-background"}
+              "removed_peak_skip_background": "--removed-peak-skip-background",
+              "decoder_encoder_steps": "--decoder-encoder-steps"}
 _FIT_SETTINGS = {"pretrained_encoder=False": "--no-pretrained-encoder", "resume=False": "no --resume",
                  "preload=False": "no --preload", "presence_std_threshold": "--presence-std-threshold"}
 
@@ -368,6 +372,7 @@ def _fit(args: argparse.Namespace) -> int:
             presence_std_threshold=args.presence_std_threshold, removed_peak_weight=args.removed_peak_weight,
             gate_encoder=args.gate_encoder,
             removed_peak_cells=args.removed_peak_cells, removed_peak_skip_background=args.removed_peak_skip_background,
+            decoder_encoder_steps=args.decoder_encoder_steps,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
                              "std": list(model.pretrained_cfg["std"])},
         )

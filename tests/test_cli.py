@@ -139,8 +139,18 @@ def test_fit_passes_the_removed_peak_options(tiny, tmp_path):
     assert training["removed_peak_skip_background"] == 0.5
 
 
+def test_fit_passes_decoder_encoder_steps(tiny, tmp_path):
+    data = image_folder(tmp_path / "data")
+    args = ("--max-steps", "3", "--embedding-steps", "1", "--encoder", "small", "--gate-encoder",
+            "--freeze-embedding", "decoder_encoder", "--decoder-encoder-steps", "1")
+    assert main(fit_args(data, tmp_path / "out", *args)) == 0
+    training = Explainer.from_pretrained(tmp_path / "out").config.training
+    assert training["freeze_embedding"] == "decoder_encoder" and training["decoder_encoder_steps"] == 1
+
+
 @pytest.mark.parametrize("flag, value", [("--removed-peak-weight", "-1"), ("--removed-peak-cells", "2"),
-                                         ("--removed-peak-skip-background", "1.5")])
+                                         ("--removed-peak-skip-background", "1.5"),
+                                         ("--decoder-encoder-steps", "-1")])
 def test_fit_rejects_bad_removed_peak_options_naming_the_flag(tiny, tmp_path, capsys, flag, value):
     assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", flag, value)) == 2
     assert flag in error_line(capsys, "fit")

@@ -289,6 +289,29 @@ def test_decoder_encoder_fixes_the_decoders_copy_and_trains_the_gate_on_the_pres
     assert all(torch.equal(before[k], still[k]) for k in gate)
 
 
+def test_decoder_encoder_steps_lets_the_decoders_copy_learn_first_then_fixes_it(tmp_path):
+    common = dict(seed=3, epochs=2, embedding_steps=2, gate_encoder=True, freeze_embedding="decoder_encoder",
+                  decoder_encoder_steps=2)
+    stage_end = _fit(max_steps=2, **common).state_dict()
+    learnt = _fit(max_steps=4, **common).state_dict()  # 2 mask steps: the copy learnt in both
+    explainer = _fit(max_steps=6, **common)
+    after = explainer.state_dict()
+    decoders = [k for k in after if k.startswith("masking_model.encoder.")]
+    assert decoders
+    # it moved away from the gate's copy as the stage left it, then stayed (statistics too)
+    assert any(not torch.equal(learnt[k], stage_end[k.replace(".encoder.", ".gate_encoder.")]) for k in decoders)
+    assert all(torch.equal(after[k], learnt[k]) for k in decoders)
+    assert all(p.requires_grad for p in explainer.parameters())
+    # interrupted after the first mask step and resumed, it is fixed at the same step
+    _fit(max_steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, **common)
+    resumed = _fit(max_steps=6, checkpoint_dir=tmp_path, resume=True, **common).state_dict()
+    assert all(torch.allclose(after[k].float(), resumed[k].float(), atol=1e-5) for k in after)
+    with pytest.raises(ValueError, match="decoder_encoder_steps"):
+        _fit(max_steps=1, decoder_encoder_steps=-1, freeze_embedding="decoder_encoder", gate_encoder=True)
+    with pytest.raises(ValueError, match="decoder_encoder_steps: .*freeze_embedding='from_mask_losses'"):
+        _fit(max_steps=1, decoder_encoder_steps=2, freeze_embedding="from_mask_losses", gate_encoder=True)
+
+
 def test_freeze_embedding_is_off_by_default_and_a_bool():
     assert _fit(max_steps=1).config.training["freeze_embedding"] is False
     with pytest.raises(TypeError, match="freeze_embedding"):
