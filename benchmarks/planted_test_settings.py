@@ -37,6 +37,9 @@ CONFIGS = {
     "gate_encoder=True, freeze_embedding='decoder_encoder', decoder_encoder_steps=500, removed_peak_weight=1": {
         "gate_encoder": True, "freeze_embedding": "decoder_encoder", "decoder_encoder_steps": 500,
         "removed_peak_weight": 1.0},
+    # the mask losses reach the decoder's copy through the skip connections only
+    "gate_encoder=True, freeze_embedding='decoder_skips', removed_peak_weight=1": {
+        "gate_encoder": True, "freeze_embedding": "decoder_skips", "removed_peak_weight": 1.0},
     "gate_encoder=True, freeze_embedding=True, removed_peak_weight=1": {"gate_encoder": True, "freeze_embedding": True,
                                                                        "removed_peak_weight": 1.0},
 }

@@ -114,12 +114,13 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--embedding-steps", type=int, default=None,
                      help="steps at the start that train only the class embedding, before the masks (default: a "
                      "quarter of the run; the shipped Lite0 explainer used 0 with --class-embedding classifier_head)")
-    fit.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding", "from_mask_losses", "decoder_encoder"],
+    fit.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding", "from_mask_losses", "decoder_encoder", "decoder_skips"],
                      default=None,
                      help="keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
                      "the class embedding and any trainable encoder) or only the 'class_embedding'; or "
                      "'from_mask_losses': it trains on the presence loss only, the mask losses never reach it; "
-                     "'decoder_encoder': that, and the encoder the decoder reads stays fixed")
+                     "'decoder_encoder': that, and the encoder the decoder reads stays fixed; "
+                     "'decoder_skips': that encoder learns through the skip connections only")
     fit.add_argument("--gate-encoder", action="store_true",
                      help="give the class filter its own copy of a trainable encoder (e.g. --encoder small), so the "
                      "decoder's copy can learn from the mask losses while the filter keeps what it learnt")

@@ -282,6 +282,8 @@ class MaskingModel(nn.Module):
         self.encoder = encoder
         self.gate_encoder = copy.deepcopy(encoder) if gate_encoder else None
         self.detach_gate = False  # set by training: the mask losses then never reach the gate
+        # set by training: the mask losses reach the decoder's encoder through the skip connections only
+        self.detach_bottleneck = False
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:  # the whole encoder, or only the trunk of a ViT pyramid (encoders.frozen_part)
             frozen_part(encoder).requires_grad_(False)
@@ -333,7 +335,8 @@ class MaskingModel(nn.Module):
         height, width = images.shape[-2:]
         features = self._features(images)
         gate = self._gate_features(images) if self.gate_encoder is not None else features[-1]
-        x, attention, presence_logit = self.feature_filter(features[-1], class_ids, gate, self.detach_gate)
+        bottleneck = features[-1].detach() if self.detach_bottleneck else features[-1]
+        x, attention, presence_logit = self.feature_filter(bottleneck, class_ids, gate, self.detach_gate)
         scores = self.feature_filter.class_logits(gate).float() if class_logits else None
         for i, upsampler in zip(self._skip_indices, self.upsamplers):
             skip = features[i]

@@ -123,6 +123,11 @@ VARIANTS = {
         {"preserve_weight": 1.0}, {"freeze_embedding": "decoder_encoder", "decoder_encoder_steps": 1055,
                                    "fake_label_prob": 0.5, "embedding_epochs": 8, "removed_peak_weight": 1.0,
                                    "gate_encoder": True}),
+    # the gate setting with the mask losses reaching the decoder's copy through the skip connections
+    # only: its coarsest map enters the filter detached (passed both planted tests on 5 seeds of 5)
+    "preserve1-fake50-embed8-removed-peak1-gate-decoder-skips": (
+        {"preserve_weight": 1.0}, {"freeze_embedding": "decoder_skips", "fake_label_prob": 0.5,
+                                   "embedding_epochs": 8, "removed_peak_weight": 1.0, "gate_encoder": True}),
 }
 # the shipped explainer-cifar10 (since 2026-12-01, eleventh session; docs/objective.md, "Empty masks,
 # and a longer embedding stage"): 11 epochs, 8 of them the embedding stage, --seed 1

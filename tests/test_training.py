@@ -289,6 +289,23 @@ def test_decoder_encoder_fixes_the_decoders_copy_and_trains_the_gate_on_the_pres
     assert all(torch.equal(before[k], still[k]) for k in gate)
 
 
+def test_decoder_skips_trains_the_decoders_copy_through_the_skip_connections_only():
+    common = dict(seed=3, embedding_steps=2, gate_encoder=True, freeze_embedding="decoder_skips")
+    before = _fit(max_steps=2, **common).state_dict()
+    explainer = _fit(max_steps=4, **common)
+    after = explainer.state_dict()
+    last = len(explainer.masking_model.encoder.blocks) - 1
+    weights = [k for k in after if k.startswith("masking_model.encoder.blocks.") and k.endswith("weight")]
+    deepest = [k for k in weights if k.startswith(f"masking_model.encoder.blocks.{last}.")]
+    finer = [k for k in weights if k not in deepest]
+    assert deepest and finer
+    gate = lambda k: before[k.replace(".encoder.", ".gate_encoder.")]  # noqa: E731  the copy's start
+    # the coarsest block feeds only the filter, detached: no gradient moves it; the finer ones learn
+    assert all(torch.equal(after[k], gate(k)) for k in deepest)
+    assert any(not torch.equal(after[k], gate(k)) for k in finer)
+    assert not explainer.masking_model.detach_bottleneck  # a later fine-tuning is not affected
+
+
 def test_decoder_encoder_steps_lets_the_decoders_copy_learn_first_then_fixes_it(tmp_path):
     common = dict(seed=3, epochs=2, embedding_steps=2, gate_encoder=True, freeze_embedding="decoder_encoder",
                   decoder_encoder_steps=2)
