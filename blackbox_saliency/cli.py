@@ -114,23 +114,29 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--embedding-steps", type=int, default=None,
                      help="steps at the start that train only the class embedding, before the masks (default: a "
                      "quarter of the run; the shipped Lite0 explainer used 0 with --class-embedding classifier_head)")
-    fit.add_argument("--freeze-embedding", nargs="?", const="all", choices=["all", "class_embedding", "from_mask_losses", "decoder_encoder", "decoder_skips"],
+    fit.add_argument("--freeze-embedding", nargs="?", const="all",
+                     choices=["none", "all", "class_embedding", "from_mask_losses", "decoder_encoder", "decoder_skips"],
                      default=None,
-                     help="keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
+                     help="default: 'decoder_encoder' with --encoder small, else 'none'. "
+                     "Keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
                      "the class embedding and any trainable encoder) or only the 'class_embedding'; or "
                      "'from_mask_losses': it trains on the presence loss only, the mask losses never reach it; "
                      "'decoder_encoder': that, and the encoder the decoder reads stays fixed; "
                      "'decoder_skips': that encoder learns through the skip connections only")
-    fit.add_argument("--gate-encoder", action="store_true",
+    fit.add_argument("--gate-encoder", action=argparse.BooleanOptionalAction, default=None,
                      help="give the class filter its own copy of a trainable encoder (e.g. --encoder small), so the "
-                     "decoder's copy can learn from the mask losses while the filter keeps what it learnt")
+                     "decoder's copy can learn from the mask losses while the filter keeps what it learnt (default: "
+                     "on with --encoder small and a --freeze-embedding mode that keeps them apart)")
     fit.add_argument("--presence-std-threshold", type=float, default=None,
                      help="call a class present in an image when its score stands this many standard deviations above "
                      "the image's mean class score (default: the paper's filter; the shipped Lite0 explainer uses 2)")
-    fit.add_argument("--removed-peak-weight", type=float, default=0.0,
+    fit.add_argument("--removed-peak-weight", type=float, default=None,
                      help="in the embedding stage, also train the class filter on each image with the cells around its "
-                     "peak for the class removed, against the classifier's probability there (default: %(default)s, "
-                     "off; docs/fit.md measures 0.6 and 1 on planted tasks)")
+                     "peak for the class removed, against the classifier's probability there (default: 1 with "
+                     "--encoder small, else 0, off)")
+    fit.add_argument("--mask-reduction", type=int, default=None,
+                     help="the mask's resolution as a fraction of the image's: 2 is half (default: 2 with --encoder "
+                     "small, else 4)")
     fit.add_argument("--removed-peak-cells", type=int, default=3,
                      help="with --removed-peak-weight: the removed region, this many cells of the coarsest feature map "
                      "across, odd (default: %(default)s)")
@@ -335,6 +341,7 @@ _FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", 
               "max_steps": "--max-steps", "resume": "--resume", "preload": "--preload", "encoder": "--encoder",
               "epochs": "--epochs", "device": "--device", "seed": "--seed",
               "embedding_steps": "--embedding-steps", "removed_peak_weight": "--removed-peak-weight",
+              "mask_reduction": "--mask-reduction", "gate_encoder": "--gate-encoder",
               "removed_peak_cells": "--removed-peak-cells",
               "removed_peak_skip_background": "--removed-peak-skip-background",
               "decoder_encoder_steps": "--decoder-encoder-steps"}
@@ -369,9 +376,10 @@ def _fit(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
             preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
             class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,
-            freeze_embedding={None: False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
+            freeze_embedding={"none": False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
             presence_std_threshold=args.presence_std_threshold, removed_peak_weight=args.removed_peak_weight,
-            gate_encoder=args.gate_encoder,
+            **{name: value for name, value in (("gate_encoder", args.gate_encoder),
+                                               ("mask_reduction", args.mask_reduction)) if value is not None},
             removed_peak_cells=args.removed_peak_cells, removed_peak_skip_background=args.removed_peak_skip_background,
             decoder_encoder_steps=args.decoder_encoder_steps,
             classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),

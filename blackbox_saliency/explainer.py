@@ -302,7 +302,8 @@ class Explainer(
             reads its own copy of a trainable encoder and the decoder the other copy, so that
             training can keep the filter as its embedding stage left it while the decoder's
             features go on learning (``fit_explainer(..., freeze_embedding=True or
-            "from_mask_losses")``). Twice the encoder's cost per image.
+            "from_mask_losses")``). Twice the encoder's cost per image. ``fit_explainer`` turns it
+            on for ``encoder="small"`` unless told otherwise (its "small encoder's defaults").
 
     Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
     would otherwise leave them out of the saved config without a word.

@@ -148,6 +148,23 @@ def test_fit_passes_decoder_encoder_steps(tiny, tmp_path):
     assert training["freeze_embedding"] == "decoder_encoder" and training["decoder_encoder_steps"] == 1
 
 
+def test_fit_leaves_the_small_encoders_defaults_to_the_library_and_can_turn_each_off(tiny, tmp_path):
+    from blackbox_saliency.training import EARLIER_DEFAULTS, SMALL_ENCODER_DEFAULTS
+
+    def settings(folder):
+        config = Explainer.from_pretrained(folder).config
+        return {"freeze_embedding": config.training["freeze_embedding"],
+                "removed_peak_weight": config.training["removed_peak_weight"],
+                "gate_encoder": config.gate_encoder, "mask_reduction": config.mask_reduction}
+
+    data = image_folder(tmp_path / "data")
+    assert main(fit_args(data, tmp_path / "defaults", "--encoder", "small")) == 0
+    assert settings(tmp_path / "defaults") == SMALL_ENCODER_DEFAULTS
+    off = ("--freeze-embedding", "none", "--removed-peak-weight", "0", "--no-gate-encoder", "--mask-reduction", "4")
+    assert main(fit_args(data, tmp_path / "off", "--encoder", "small", *off)) == 0
+    assert settings(tmp_path / "off") == EARLIER_DEFAULTS
+
+
 @pytest.mark.parametrize("flag, value", [("--removed-peak-weight", "-1"), ("--removed-peak-cells", "2"),
                                          ("--removed-peak-skip-background", "1.5"),
                                          ("--decoder-encoder-steps", "-1")])

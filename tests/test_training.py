@@ -136,7 +136,8 @@ def _relabelled(data: PlantedPatterns, wrong: torch.Tensor) -> TensorDataset:
 def test_correct_as_class_source_learns_only_from_correctly_classified_images(caplog):
     data = PlantedPatterns(32, patch=12)
     every = torch.ones(len(data), dtype=torch.bool)
-    settings = dict(seed=4, embedding_steps=0, log_every=1)
+    # one encoder and a quarter-resolution mask, so that moved() compares like with like
+    settings = dict(seed=4, embedding_steps=0, log_every=1, **training.EARLIER_DEFAULTS)
 
     def moved(explainer):
         torch.manual_seed(4)  # fit_explainer seeds the same way before it builds the explainer
@@ -186,14 +187,15 @@ def test_collapsed_masks_are_reported():
 def test_init_from_starts_from_an_explainers_weights(tmp_path):
     first = _fit(seed=0)
     first.save_pretrained(tmp_path / "first")
-    # lr 0: the optimiser moves nothing, so the weights are exactly where init_from put them
+    # lr 0: the optimiser moves nothing, so the weights are exactly where init_from put them; no
+    # embedding stage, whose end would start the decoder's encoder from the gate's (a fresh stage)
     for source in (first, tmp_path / "first"):
-        started = _fit(seed=5, lr=0.0, init_from=source).state_dict()
+        started = _fit(seed=5, lr=0.0, embedding_steps=0, init_from=source).state_dict()
         params = {name for name, _ in first.named_parameters()}
         assert all(torch.equal(first.state_dict()[k], started[k]) for k in params)
-    fresh = _fit(seed=5, lr=0.0).state_dict()
+    fresh = _fit(seed=5, lr=0.0, embedding_steps=0).state_dict()
     assert any(not torch.equal(fresh[k], started[k]) for k in params)
-    assert _fit(seed=5, lr=0.0, init_from=first).config.training["init_from"] == "an Explainer object"
+    assert _fit(seed=5, lr=0.0, embedding_steps=0, init_from=first).config.training["init_from"] == "an Explainer object"
 
 
 def test_init_from_must_fit_the_architecture():
@@ -202,6 +204,35 @@ def test_init_from_must_fit_the_architecture():
         _fit(init_from=other)
     with pytest.raises(TypeError, match="init_from: expected an Explainer"):
         _fit(init_from=3)
+
+
+def _settings(explainer):
+    training, config = explainer.config.training, explainer.config
+    return {"freeze_embedding": training["freeze_embedding"], "removed_peak_weight": training["removed_peak_weight"],
+            "gate_encoder": config.gate_encoder, "mask_reduction": config.mask_reduction}
+
+
+def test_the_small_encoder_trains_with_its_own_defaults_and_each_can_be_given():
+    assert _settings(_fit(max_steps=1)) == training.SMALL_ENCODER_DEFAULTS
+    assert _settings(_fit(max_steps=1, **training.EARLIER_DEFAULTS)) == training.EARLIER_DEFAULTS
+    # a freeze mode that shares one encoder between gate and decoder gets no gate copy
+    shared = _settings(_fit(max_steps=1, freeze_embedding=True))
+    assert shared == {**training.SMALL_ENCODER_DEFAULTS, "freeze_embedding": True, "gate_encoder": False}
+    given = _settings(_fit(max_steps=1, removed_peak_weight=0.5, mask_reduction=4))
+    assert given == {**training.SMALL_ENCODER_DEFAULTS, "removed_peak_weight": 0.5, "mask_reduction": 4}
+
+
+def test_other_encoders_keep_the_earlier_defaults():
+    from blackbox_saliency.encoders import SmallEncoder
+
+    module = SmallEncoder(widths=(8, 16, 32), layers_per_block=1)  # handed in as a module: frozen
+    assert _settings(_fit(max_steps=1, encoder=module, encoder_kwargs=None)) == training.EARLIER_DEFAULTS
+
+
+def test_fine_tuning_builds_the_architecture_it_starts_from():
+    earlier = Explainer(num_classes=4, **SMALL)  # mask_reduction 4, one encoder: built before the defaults
+    tuned = _fit(max_steps=1, embedding_steps=0, init_from=earlier)
+    assert (tuned.config.mask_reduction, tuned.config.gate_encoder) == (4, False)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -220,11 +251,13 @@ def test_freeze_embedding_keeps_what_the_embedding_stage_trained(freeze):
 
 
 def test_freeze_embedding_class_embedding_fixes_the_filter_but_trains_the_encoder(monkeypatch):
-    stage_only = _fit(seed=3, embedding_steps=2, max_steps=2, freeze_embedding="class_embedding").state_dict()
+    # no removed peak: its loss scores the classes too, and the count below is the presence loss's
+    common = dict(seed=3, embedding_steps=2, freeze_embedding="class_embedding", removed_peak_weight=0.0)
+    stage_only = _fit(max_steps=2, **common).state_dict()
     calls = []
     original = FeatureFilter.class_logits
     monkeypatch.setattr(FeatureFilter, "class_logits", lambda self, f: calls.append(1) or original(self, f))
-    explainer = _fit(seed=3, embedding_steps=2, max_steps=4, freeze_embedding="class_embedding")
+    explainer = _fit(max_steps=4, **common)
     after = explainer.state_dict()
     embedding = [k for k in after if k.startswith("masking_model.feature_filter.")]
     encoder = [k for k in after if k.startswith("masking_model.encoder.") and k.endswith("weight")]
@@ -329,8 +362,7 @@ def test_decoder_encoder_steps_lets_the_decoders_copy_learn_first_then_fixes_it(
         _fit(max_steps=1, decoder_encoder_steps=2, freeze_embedding="from_mask_losses", gate_encoder=True)
 
 
-def test_freeze_embedding_is_off_by_default_and_a_bool():
-    assert _fit(max_steps=1).config.training["freeze_embedding"] is False
+def test_freeze_embedding_is_a_bool_or_a_mode():  # its defaults: test_the_small_encoder_trains_with_its_own_defaults...
     with pytest.raises(TypeError, match="freeze_embedding"):
         _fit(max_steps=1, freeze_embedding="yes")
 
