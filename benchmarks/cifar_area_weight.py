@@ -26,6 +26,7 @@ from train_cifar10 import augment, evaluate_explainer, heldout_split, load_pack,
 from blackbox_saliency import SaliencyObjective, fit_explainer  # noqa: E402
 from blackbox_saliency.classifiers import CifarResNet  # noqa: E402
 from blackbox_saliency._precision import describe_cpu  # noqa: E402
+from blackbox_saliency.training import EARLIER_DEFAULTS  # noqa: E402
 
 VARIANTS = {
     "hinge, area 8 (authors' weights)": {},
@@ -88,7 +89,7 @@ def main() -> None:
         start = time.time()
         explainer = fit_explainer(classifier, train_set, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
                                   epochs=100, max_steps=args.steps, device="cpu", progress=False,
-                                  objective=SaliencyObjective(**settings))
+                                  objective=SaliencyObjective(**settings), **EARLIER_DEFAULTS)  # as measured
         r = evaluate_explainer(explainer, classifier, images[heldout_rows], labels[heldout_rows], "cpu")
         print(f"| {name} | {r['saliency_metric']:.3f} | {r['area_true']:.3f} | {r['area_absent']:.3f} | "
               f"{r['p_original']:.3f} | {r['p_preserved']:.3f} | {r['p_removed']:.3f} | {time.time() - start:.0f} |", flush=True)

@@ -26,6 +26,7 @@ import torch
 from blackbox_saliency import fit_explainer
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, inside_boxes, mask_boxes, train_pattern_cnn
 from blackbox_saliency._precision import describe_cpu
+from blackbox_saliency.training import EARLIER_DEFAULTS
 
 VARIANTS = {
     "paper's filter (bottleneck only), sampled embedding loss": {"class_filter": "bottleneck", "embedding_loss": "sampled"},
@@ -119,7 +120,7 @@ def main() -> None:
         for name, options in VARIANTS.items():
             if args.only and not name.startswith(args.only):
                 continue
-            options = dict(options)
+            options = {**EARLIER_DEFAULTS, **options}  # the defaults these rows were measured with
             stage = args.embedding_steps if options.get("embedding_steps") == "stage" else 0
             options["embedding_steps"] = stage
             start = time.time()

@@ -17,6 +17,7 @@ import torch
 from blackbox_saliency import SaliencyObjective, fit_explainer
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
 from blackbox_saliency._precision import describe_cpu
+from blackbox_saliency.training import EARLIER_DEFAULTS
 
 VARIANTS = {
     "default (hinge, area 8*mean((M+5e-4)^0.3), TV 10)": ({}, {}),
@@ -52,7 +53,8 @@ def main() -> None:
         start = time.time()
         explainer = fit_explainer(classifier, train, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
                                   epochs=100, max_steps=args.steps, objective=objective, seed=args.seed,
-                                  progress=False, device=args.device, **extra)
+                                  progress=False, device=args.device,
+                                  **{**EARLIER_DEFAULTS, **extra})  # the defaults these rows were measured with
         seconds = time.time() - start
         with torch.no_grad():
             images, labels = test.images.to(args.device), test.labels.to(args.device)

@@ -81,6 +81,7 @@ from blackbox_saliency.evidence import alternative_image, remove_evidence
 from blackbox_saliency.masking_model import FeatureFilter, MaskingModel
 from blackbox_saliency.objective import SaliencyObjective
 from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_pattern_cnn
+from blackbox_saliency.training import EARLIER_DEFAULTS
 
 
 def objective_terms(objective, classifier, images, masks, labels, alternatives, reduction):
@@ -376,7 +377,9 @@ def main() -> None:
                                           encoder_kwargs={"widths": [16, 32, 64]}, init_from=start,
                                           objective=train_objective, removed_peak_weight=args.peak_removed or 0.0,
                                           removed_peak_cells=args.peak_window,
-                                          removed_peak_skip_background=args.peak_skip_background).eval()
+                                          removed_peak_skip_background=args.peak_skip_background,
+                                          # the mask resolution these rows were measured with
+                                          mask_reduction=EARLIER_DEFAULTS["mask_reduction"]).eval()
             with torch.no_grad():
                 learned = explainer(test.images, test.labels).float()
             inside = inside_boxes(test.boxes, *learned.shape[-2:])

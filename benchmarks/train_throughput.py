@@ -38,6 +38,7 @@ from blackbox_saliency.classifiers import CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.datasets import DecodedImages, TinyImageNet, cifar10
 from blackbox_saliency.encoders import classifier_features
 from blackbox_saliency._precision import describe_cpu
+from blackbox_saliency.training import EARLIER_DEFAULTS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -148,11 +149,13 @@ def main() -> None:
             rows.append((f"EfficientNet-Lite0 explainer, {size} px, embedding stage, auto{chosen}", args.lite0_batch,
                          rate, peak))
     data = cifar_images(n)
+    # the settings the rows were measured with, before the small encoder's defaults changed
+    earlier = {k: v for k, v in EARLIER_DEFAULTS.items() if k != "mask_reduction"}
     for widths in args.cifar_widths:
         for name, options in precisions:
             rate, peak, chosen = measure(CifarResNet().eval(), data, args.cifar_batch, args.warmup, args.steps, args.device,
                                  encoder="small", encoder_kwargs={"widths": widths}, embedding_steps=0,
-                                 mask_reduction=2, **options)
+                                 mask_reduction=2, **earlier, **options)
             label = "/".join(map(str, widths))
             rows.append((f"CIFAR-10 variant, 32 px, small encoder {label}, ResNet-9 classifier, {name}{chosen}",
                          args.cifar_batch, rate, peak))
@@ -160,8 +163,9 @@ def main() -> None:
     # after the embedding stage (freeze_embedding), so nothing flows back into the encoder; batch 64
     for name, options in precisions if args.cifar_recipe else []:
         rate, peak, chosen = measure(CifarResNet().eval(), data, 64, args.warmup, args.steps, args.device, encoder="small",
-                             encoder_kwargs={"widths": [32, 64, 128]}, embedding_steps=0, freeze_embedding=True,
-                             mask_reduction=2, objective={"preserve_weight": 1.0}, **options)
+                             encoder_kwargs={"widths": [32, 64, 128]}, embedding_steps=0,
+                             **{**earlier, "freeze_embedding": True}, mask_reduction=2,
+                             objective={"preserve_weight": 1.0}, **options)
         rows.append((f"CIFAR-10 variant as hub/train_cifar10.py trains it (encoder 32/64/128 fixed after the "
                      f"embedding stage), mask stage, {name}{chosen}", 64, rate, peak))
 

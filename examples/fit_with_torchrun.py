@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100, help="log losses and images/s every N steps (process 0)")
     parser.add_argument("--out", type=Path, default=Path("explainer-torchrun"))
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from here, with any number of processes")
-    parser.add_argument("--removed-peak-weight", type=float, default=0.0, help="fit_explainer's removed_peak_weight")
+    parser.add_argument("--removed-peak-weight", type=float, default=None,
+                        help="fit_explainer's removed_peak_weight (default: its own, 1 for the small encoder)")
     parser.add_argument("--removed-peak-skip-background", type=float, default=None,
                         help="fit_explainer's removed_peak_skip_background")
     parser.add_argument("--float64", action="store_true",

@@ -16,6 +16,7 @@ from blackbox_saliency import fit_explainer
 from blackbox_saliency.metrics import localisation_error
 from blackbox_saliency.pretrained import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
+from blackbox_saliency.training import EARLIER_DEFAULTS
 
 OUT = WEIGHTS_FOLDER / "explainer-planted-demo"
 
@@ -26,6 +27,7 @@ def main() -> None:
     explainer = fit_explainer(
         PatternClassifier(patch=12), train, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
         epochs=100, max_steps=1000, seed=0, device="cpu", progress=False,
+        **EARLIER_DEFAULTS,  # the settings the shipped demo was trained with (before 2026-12-06)
         classifier_info={"name": "blackbox_saliency.testing.PatternClassifier(patch=12)", "input_size": [3, 32, 32],
                          "mean": "none (images as PlantedPatterns makes them)", "std": "none"},
     )

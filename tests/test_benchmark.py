@@ -313,7 +313,7 @@ def test_planted_test_settings_prints_a_row_per_task_seed_and_setting():
     out = _benchmark("planted_test_settings.py", *args)
     rows = [line for line in out.splitlines() if line.startswith("| matched filter |") or line.startswith("| learned CNN |")]
     assert len(rows) == 4
-    assert sum("| defaults |" in row for row in rows) == 2
+    assert sum("| defaults before 2026-12-06 |" in row for row in rows) == 2  # "defaults", its old name
     assert sum("| 0 | gate_encoder=True, freeze_embedding='from_mask_losses' |" in row for row in rows) == 2
     # the printed command reproduces the table: the shell gives back the arguments it was run with
     command = out.split("Command: `", 1)[1].split("`", 1)[0]

@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fit_with_torchrun.py"
 # float64, so one and two processes must agree to ~1e-13: any slip in sharding, random draws,
 # statistics or gradient averaging shows up as a difference of order one.
-# One embedding-stage step, then mask steps: both stages are compared.
-SMALL = ["--train-images", "256", "--batch-size", "64", "--float64", "--embedding-steps", "1"]
+# One embedding-stage step, then mask steps: both stages are compared. No removed peak unless a test
+# asks (the small encoder's default since 2026-12-06): followed by mask steps it does not yet train
+# as one process does (the xfail below).
+SMALL = ["--train-images", "256", "--batch-size", "64", "--float64", "--embedding-steps", "1",
+         "--removed-peak-weight", "0"]
 
 
 def _fit(tmp_path: Path, name: str, processes: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -56,7 +59,7 @@ def one_process(tmp_path_factory):
 @pytest.fixture(scope="module")
 def without_removed_peak(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plain")
-    _fit(tmp, "plain", 1, "--steps", "2", "--embedding-steps", "2")
+    _fit(tmp, "plain", 1, "--steps", "2", "--embedding-steps", "2", "--removed-peak-weight", "0")
     return _weights(tmp / "plain")
 
 
@@ -73,6 +76,16 @@ def test_two_processes_train_the_removed_peak_as_one_does(tmp_path, skip, withou
     embedding = "masking_model.feature_filter.embedding.weight"
     assert not torch.equal(one[embedding], without_removed_peak[embedding])
     assert _worst_difference(one, two) < 1e-9
+
+
+@pytest.mark.xfail(strict=True, reason="found 2026-12-06, not yet fixed: after an embedding step with the removed "
+                   "peak, two processes' mask steps drift from one's (4.6e-4 relative after 3, float64; "
+                   "docs/distributed.md)")
+def test_the_removed_peak_then_mask_steps_train_as_one_process_does(tmp_path):
+    args = ["--steps", "4", "--removed-peak-weight", "1"]
+    _fit(tmp_path, "one", 1, *args)
+    _fit(tmp_path, "two", 2, *args)
+    assert _worst_difference(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-9
 
 
 def test_two_processes_train_what_one_trains(tmp_path, one_process):
