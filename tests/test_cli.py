@@ -167,7 +167,7 @@ def test_fit_leaves_the_small_encoders_defaults_to_the_library_and_can_turn_each
 
 @pytest.mark.parametrize("flag, value", [("--removed-peak-weight", "-1"), ("--removed-peak-cells", "2"),
                                          ("--removed-peak-skip-background", "1.5"),
-                                         ("--decoder-encoder-steps", "-1")])
+                                         ("--decoder-encoder-steps", "-1"), ("--mask-reduction", "3")])
 def test_fit_rejects_bad_removed_peak_options_naming_the_flag(tiny, tmp_path, capsys, flag, value):
     assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", flag, value)) == 2
     assert flag in error_line(capsys, "fit")
