@@ -14,6 +14,7 @@ swap in your classifier and dataset; see docs/distributed.md for ImageNet-sized 
 """
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -40,6 +41,8 @@ def main() -> None:
                         help="fit_explainer's removed_peak_weight (default: its own, 1 for the small encoder)")
     parser.add_argument("--removed-peak-skip-background", type=float, default=None,
                         help="fit_explainer's removed_peak_skip_background")
+    parser.add_argument("--fit-kwargs", type=json.loads, default={}, metavar="JSON",
+                        help="more fit_explainer arguments, e.g. '{\"freeze_embedding\": false}'")
     parser.add_argument("--float64", action="store_true",
                         help="train in float64: 1 and N processes then agree to about 1e-13 (in float32 they agree up "
                              "to float noise, which Adam's first steps amplify)")
@@ -56,6 +59,7 @@ def main() -> None:
         device=args.device, seed=args.seed, log_every=args.log_every,
         checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
         removed_peak_weight=args.removed_peak_weight, removed_peak_skip_background=args.removed_peak_skip_background,
+        **args.fit_kwargs,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same explainer; one writes it
         explainer.save_pretrained(args.out)
