@@ -7,6 +7,11 @@ On GPUs each process takes one (NCCL); on a CPU-only machine the processes share
 (gloo). ``fit_explainer`` joins the process group torchrun describes, gives each process
 ``batch_size / N`` images of every batch and synchronises gradients and batch norm, so both
 commands train the same explainer up to float noise (``tests/test_distributed.py`` checks it).
+To see it, train in float64 with the classifier's smooth pool and compare the two folders:
+
+    python examples/fit_with_torchrun.py --float64 --smooth-pool 50 --steps 4 --embedding-steps 1 --out one
+    torchrun --standalone --nproc_per_node=2 examples/fit_with_torchrun.py --float64 --smooth-pool 50 \
+        --steps 4 --embedding-steps 1 --out two --compare-to one
 
 The problem is the planted-pattern task (``blackbox_saliency.testing``): a classifier that only
 sees a small pattern pasted into noise, so a good mask covers the pattern. For your own data,
@@ -20,6 +25,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from blackbox_saliency import fit_explainer
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
@@ -44,8 +50,13 @@ def main() -> None:
     parser.add_argument("--fit-kwargs", type=json.loads, default={}, metavar="JSON",
                         help="more fit_explainer arguments, e.g. '{\"freeze_embedding\": false}'")
     parser.add_argument("--float64", action="store_true",
-                        help="train in float64: 1 and N processes then agree to about 1e-13 (in float32 they agree up "
-                             "to float noise, which Adam's first steps amplify)")
+                        help="train in float64: with --smooth-pool, 1 and N processes then agree to about 1e-11 (in "
+                             "float32 they agree up to float noise, which training amplifies)")
+    parser.add_argument("--smooth-pool", type=float, default=None, metavar="T",
+                        help="the matched filter pools with logsumexp(T * response) / T instead of the maximum, whose "
+                             "gradient jumps when rounding moves the maximum (see PatternClassifier)")
+    parser.add_argument("--compare-to", type=Path, default=None, metavar="DIR",
+                        help="print the largest relative weight difference to the explainer saved in DIR")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -54,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     train, test = PlantedPatterns(args.train_images, patch=12, seed=0), PlantedPatterns(200, patch=12, seed=1)
     explainer = fit_explainer(
-        PatternClassifier(patch=12), train, encoder="small", encoder_kwargs={"widths": args.widths},
+        PatternClassifier(patch=12, smooth=args.smooth_pool), train, encoder="small", encoder_kwargs={"widths": args.widths},
         epochs=1000, max_steps=args.steps, embedding_steps=args.embedding_steps, batch_size=args.batch_size,
         device=args.device, seed=args.seed, log_every=args.log_every,
         checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
@@ -68,6 +79,19 @@ def main() -> None:
         hits = (paired_box_iou(mask_boxes(masks), test.boxes) > 0.5).float().mean().item()
         print(f"{int(os.environ.get('WORLD_SIZE', '1'))} process(es), {args.steps} steps: the mask covers the "
               f"planted pattern in {hits:.0%} of held-out images; saved to {args.out}")
+        if args.compare_to is not None:
+            print(f"largest relative weight difference to {args.compare_to}: "
+                  f"{worst_difference(args.out, args.compare_to):.3g}")
+
+
+def worst_difference(a: Path, b: Path) -> float:
+    """The largest difference between two saved explainers' tensors, relative to each tensor's
+    largest magnitude (at least 1e-6, so that tensors near zero do not dominate)."""
+    one, two = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    if one.keys() != two.keys():
+        raise ValueError(f"--compare-to: {b} holds other tensors than {a}")
+    return max(((one[k].double() - two[k].double()).abs().max() / one[k].double().abs().max().clamp_min(1e-6)).item()
+               for k in one)
 
 
 if __name__ == "__main__":
