@@ -106,7 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("data", type=Path, help="image folder, one sub-folder per class")
     fit.add_argument("--classifier", default="efficientnet_lite0", help="a name from load_classifier (default: %(default)s)")
-    fit.add_argument("--encoder", default="small", help="'small' or a timm model name (default: %(default)s)")
+    fit.add_argument("--encoder", default="small",
+                     help="'small', 'classifier' (the classifier's own features, frozen: a timm classifier's, no "
+                     "download; the shipped Lite0 explainer's encoder) or a timm model name (default: %(default)s)")
     fit.add_argument("--no-pretrained-encoder", action="store_true", help="start a timm encoder from random weights")
     fit.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
                      help="'classifier_head': derive each class's embedding from the classifier's head row, so "
@@ -369,10 +371,21 @@ def _fit(args: argparse.Namespace) -> int:
     _check_out_folder(args.out)  # before training, not after it
     model, preprocess = _load_classifier(args.classifier)
     dataset = ImageFolder(str(args.data), transform=preprocess, loader=_read_image)
-    pretrained = args.encoder != "small" and not args.no_pretrained_encoder
+    pretrained = args.encoder not in ("small", "classifier") and not args.no_pretrained_encoder
+    encoder: str | torch.nn.Module = args.encoder
+    if args.encoder == "classifier":
+        from .encoders import classifier_features
+
+        try:
+            encoder = classifier_features(model)
+        except TypeError as err:  # not a timm model: nothing says how its features are laid out
+            raise CommandError(f"--encoder classifier: needs a timm classifier; --classifier {args.classifier} is a "
+                               f"{type(model).__name__}; use --encoder small or a timm encoder name") from err
+        except ValueError as err:
+            raise CommandError(f"--encoder classifier: {_one_line(err)}") from err
     try:
         explainer = fit_explainer(
-            model, dataset, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
+            model, dataset, encoder=encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
             preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
             class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,

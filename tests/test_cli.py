@@ -114,6 +114,30 @@ def test_fit_with_the_classifiers_head_as_class_embedding(tiny, tmp_path):
     assert torch.equal(explainer.masking_model.feature_filter.head_weight, tiny[0][-1].weight)
 
 
+def test_fit_on_the_classifiers_own_features(tmp_path, monkeypatch):
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    preprocess = tiny_classifier()[1]
+    monkeypatch.setattr(blackbox_saliency, "load_classifier", lambda name="efficientnet_lite0": (model, preprocess))
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "classifier")) == 0
+    explainer = Explainer.from_pretrained(tmp_path / "out")
+    assert explainer.config.encoder == "resnet18"
+    # the classifier's weights, not timm's random ones: frozen in training, saved, loaded again
+    encoder = explainer.masking_model.encoder
+    stem = next(k for k in encoder.state_dict() if k.endswith("conv1.weight"))
+    assert torch.equal(encoder.state_dict()[stem], model.conv1.weight)
+
+
+def test_fit_on_the_features_of_a_classifier_timm_does_not_know_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(blackbox_saliency, "fit_explainer", lambda *a, **k: pytest.fail("trained anyway"))
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "classifier")) == 2
+    line = error_line(capsys, "fit")
+    assert "--encoder classifier" in line and "timm" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_fit_passes_the_shipped_lite0_recipes_embedding_options(tiny, tmp_path):
     data = image_folder(tmp_path / "data")
     args = ("--class-embedding", "classifier_head", "--embedding-steps", "0", "--presence-std-threshold", "2")
