@@ -376,6 +376,10 @@ def _fit(args: argparse.Namespace) -> int:
     if args.encoder == "classifier":
         from .encoders import classifier_features
 
+        if args.no_pretrained_encoder:  # the classifier's weights are the point: random ones would be another encoder
+            raise CommandError("--no-pretrained-encoder: does not apply to --encoder classifier, which is the "
+                               "classifier's own trained features; for random weights name a timm encoder")
+
         try:
             encoder = classifier_features(model)
         except TypeError as err:  # not a timm model: nothing says how its features are laid out

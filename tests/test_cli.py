@@ -138,6 +138,14 @@ def test_fit_on_the_features_of_a_classifier_timm_does_not_know_is_refused(tiny,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_fit_on_the_classifiers_features_from_random_weights_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(blackbox_saliency, "fit_explainer", lambda *a, **k: pytest.fail("trained anyway"))
+    args = fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "classifier", "--no-pretrained-encoder")
+    assert main(args) == 2
+    line = error_line(capsys, "fit")
+    assert "--no-pretrained-encoder" in line and "--encoder classifier" in line
+
+
 def test_fit_passes_the_shipped_lite0_recipes_embedding_options(tiny, tmp_path):
     data = image_folder(tmp_path / "data")
     args = ("--class-embedding", "classifier_head", "--embedding-steps", "0", "--presence-std-threshold", "2")
