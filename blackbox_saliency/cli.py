@@ -101,63 +101,26 @@ def _build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser(
         "fit",
         help="train an explainer for a classifier on a folder of images",
-        description="Train an explainer on an ImageFolder-style folder (one sub-folder per class). The class "
-        "explained in training is the classifier's own prediction, so folder names need not match its classes.",
+        description="Train an explainer on an ImageFolder-style folder (one sub-folder per class) with a named "
+        "recipe (blackbox_saliency.recipes). The class explained in training is the classifier's own prediction, so "
+        "folder names need not match its classes (--set sampling.class_source=label when they are its classes, "
+        "in its order).",
     )
     fit.add_argument("data", type=Path, help="image folder, one sub-folder per class")
     fit.add_argument("--classifier", default="efficientnet_lite0", help="a name from load_classifier (default: %(default)s)")
-    fit.add_argument("--encoder", default="small",
-                     help="'small', 'classifier' (the classifier's own features, frozen: a timm classifier's, no "
-                     "download; the shipped Lite0 explainer's encoder) or a timm model name (default: %(default)s)")
-    fit.add_argument("--no-pretrained-encoder", action="store_true", help="start a timm encoder from random weights")
-    fit.add_argument("--class-embedding", choices=["learned", "classifier_head"], default="learned",
-                     help="'classifier_head': derive each class's embedding from the classifier's head row, so "
-                     "classes the folder lacks get one too (default: %(default)s)")
-    fit.add_argument("--embedding-steps", type=int, default=None,
-                     help="steps at the start that train only the class embedding, before the masks (default: a "
-                     "quarter of the run; the shipped Lite0 explainer used 0 with --class-embedding classifier_head)")
-    fit.add_argument("--freeze-embedding", nargs="?", const="all",
-                     choices=["none", "all", "class_embedding", "from_mask_losses", "decoder_encoder", "decoder_skips"],
-                     default=None,
-                     help="default: 'decoder_encoder' with --encoder small, else 'none'. "
-                     "Keep what the embedding stage trained fixed while the masks train: 'all' (the flag alone: "
-                     "the class embedding and any trainable encoder) or only the 'class_embedding'; or "
-                     "'from_mask_losses': it trains on the presence loss only, the mask losses never reach it; "
-                     "'decoder_encoder': that, and the encoder the decoder reads stays fixed; "
-                     "'decoder_skips': that encoder learns through the skip connections only")
-    fit.add_argument("--gate-encoder", action=argparse.BooleanOptionalAction, default=None,
-                     help="give the class filter its own copy of a trainable encoder (e.g. --encoder small), so the "
-                     "decoder's copy can learn from the mask losses while the filter keeps what it learnt (default: "
-                     "on with --encoder small and a --freeze-embedding mode that keeps them apart)")
-    fit.add_argument("--presence-std-threshold", type=float, default=None,
-                     help="call a class present in an image when its score stands this many standard deviations above "
-                     "the image's mean class score (default: the paper's filter; the shipped Lite0 explainer uses 2)")
-    fit.add_argument("--removed-peak-weight", type=float, default=None,
-                     help="in the embedding stage, also train the class filter on each image with the cells around its "
-                     "peak for the class removed, against the classifier's probability there (default: 1 with "
-                     "--encoder small, else 0, off)")
-    fit.add_argument("--mask-reduction", type=int, default=None,
-                     help="the mask's resolution as a fraction of the image's: 2 is half (default: 2 with --encoder "
-                     "small, else 4)")
-    fit.add_argument("--removed-peak-cells", type=int, default=3,
-                     help="with --removed-peak-weight: the removed region, this many cells of the coarsest feature map "
-                     "across, odd (default: %(default)s)")
-    fit.add_argument("--removed-peak-skip-background", type=float, default=None, metavar="T",
-                     help="with --removed-peak-weight: leave out of that loss each image whose class keeps probability "
-                     ">= T once the whole image is blurred, a class the classifier calls on bare background "
-                     "(default: keep every image; docs/fit.md measures 0.5)")
-    fit.add_argument("--decoder-encoder-steps", type=int, default=0, metavar="N",
-                     help="with --freeze-embedding decoder_encoder: the decoder's encoder learns from the mask losses "
-                     "for the mask stage's first N steps, then stays fixed (default 0: fixed from the start)")
-    fit.add_argument("--epochs", type=int, default=20)
-    fit.add_argument("--batch-size", type=int, default=64)
-    fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    fit.add_argument("--recipe", default="auto",
+                     help="a recipe name (timm, cifar, small, paper) or auto: timm for a timm classifier with a linear "
+                     "head, else small (default: %(default)s)")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change one of the recipe's settings, e.g. --set objective.area_weight=12 or --set "
+                     "schedule.batch_size=16; the value is read as JSON when it parses, else as text; repeat for several")
+    fit.add_argument("--steps", type=int, default=None, help="optimiser steps in all (default: the recipe's length)")
+    fit.add_argument("--epochs", type=int, default=None, help="passes over the data (default: the recipe's length)")
     fit.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    fit.add_argument("--checkpoint-dir", type=Path, default=None)
+    fit.add_argument("--checkpoint-dir", type=Path, default=None, help="write checkpoints here")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images, per process")
-    fit.add_argument("--preload", action="store_true", help="decode every image once and keep them on the device")
+    fit.add_argument("--init-from", default=None, help="start from this explainer (a folder or a Hub repo id)")
     fit.add_argument("--out", type=Path, required=True, help="folder to save the trained explainer in")
 
     push = sub.add_parser("push", help="upload a saved explainer folder to the Hugging Face Hub",
@@ -339,97 +302,70 @@ def _read_image(path: str) -> Any:
 
 
 #: fit_explainer's arguments as its error messages name them -> what the command says instead.
-_FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "num_workers": "--workers", "batch_size": "--batch-size",
-              "max_steps": "--max-steps", "resume": "--resume", "preload": "--preload", "encoder": "--encoder",
-              "epochs": "--epochs", "device": "--device", "seed": "--seed",
-              "embedding_steps": "--embedding-steps", "removed_peak_weight": "--removed-peak-weight",
-              "mask_reduction": "--mask-reduction", "gate_encoder": "--gate-encoder",
-              "removed_peak_cells": "--removed-peak-cells",
-              "removed_peak_skip_background": "--removed-peak-skip-background",
-              "decoder_encoder_steps": "--decoder-encoder-steps"}
-_FIT_SETTINGS = {"pretrained_encoder=False": "--no-pretrained-encoder", "resume=False": "no --resume",
-                 "preload=False": "no --preload", "presence_std_threshold": "--presence-std-threshold"}
+_FIT_FLAGS = {"checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "steps": "--steps", "epochs": "--epochs",
+              "device": "--device", "seed": "--seed", "recipe": "--recipe", "init_from": "--init-from"}
 
 
 def _as_flags(text: str) -> str:
     """A library error message with the command's flags named instead of fit_explainer's
-    arguments: the leading ``name:`` the library starts messages with, and settings such as
-    ``resume=False``. Paths and other text are left as they are."""
+    arguments: the leading ``name:`` the library starts messages with (a recipe setting's
+    ``group.field`` becomes ``--set group.field``). Paths and other text are left as they are."""
     name, sep, rest = text.partition(": ")
     if sep and name in _FIT_FLAGS:
-        text = f"{_FIT_FLAGS[name]}: {rest}"
-    for setting, flag in _FIT_SETTINGS.items():
-        text = re.sub(rf"(?<![\w-]){re.escape(setting)}(?!\w)", flag, text)
-    return text
+        return f"{_FIT_FLAGS[name]}: {rest}"
+    if sep and "." in name and name.split(".")[0] in ("model", "objective", "schedule", "sampling", "runtime"):
+        return f"--set {name}: {rest}"
+    return text.replace("resume=False", "no --resume")
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as recipe overrides, each value JSON when it parses, else text."""
+    import json
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--set {pair}: expected KEY=VALUE, e.g. --set objective.area_weight=12")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    return overrides
 
 
 def _fit(args: argparse.Namespace) -> int:
     from torchvision.datasets import ImageFolder
 
     from . import fit_explainer
+    from .recipes import resolve_recipe
 
     _check_out_folder(args.out)  # before training, not after it
+    overrides = _parse_overrides(args.overrides)  # before the data is read
     model, preprocess = _load_classifier(args.classifier)
-    dataset = ImageFolder(str(args.data), transform=preprocess, loader=_read_image)
-    pretrained = args.encoder not in ("small", "classifier") and not args.no_pretrained_encoder
-    encoder: str | torch.nn.Module = args.encoder
-    if args.encoder == "classifier":
-        from .encoders import classifier_features
-
-        if args.no_pretrained_encoder:  # the classifier's weights are the point: random ones would be another encoder
-            raise CommandError("--no-pretrained-encoder: does not apply to --encoder classifier, which is the "
-                               "classifier's own trained features; for random weights name a timm encoder")
-
-        try:
-            encoder = classifier_features(model)
-        except TypeError as err:  # not a timm model: nothing says how its features are laid out
-            raise CommandError(f"--encoder classifier: needs a timm classifier; --classifier {args.classifier} is a "
-                               f"{type(model).__name__}; use --encoder small or a timm encoder name") from err
-        except ValueError as err:
-            raise CommandError(f"--encoder classifier: {_one_line(err)}") from err
     try:
-        explainer = fit_explainer(
-            model, dataset, encoder=encoder, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-            checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed, num_workers=args.workers,
-            preload=args.preload, pretrained_encoder=not args.no_pretrained_encoder, max_steps=args.max_steps,
-            class_source="prediction", class_embedding=args.class_embedding, embedding_steps=args.embedding_steps,
-            freeze_embedding={"none": False, "all": True}.get(args.freeze_embedding, args.freeze_embedding),
-            presence_std_threshold=args.presence_std_threshold, removed_peak_weight=args.removed_peak_weight,
-            **{name: value for name, value in (("gate_encoder", args.gate_encoder),
-                                               ("mask_reduction", args.mask_reduction)) if value is not None},
-            removed_peak_cells=args.removed_peak_cells, removed_peak_skip_background=args.removed_peak_skip_background,
-            decoder_encoder_steps=args.decoder_encoder_steps,
-            classifier_info={"name": args.classifier, "mean": list(model.pretrained_cfg["mean"]),
-                             "std": list(model.pretrained_cfg["std"])},
-        )
+        recipe = resolve_recipe(args.recipe, model)
+        # a folder's classes need not be the classifier's
+        recipe = recipe.replace(**{"sampling.class_source": "prediction", **overrides})
+        dataset = ImageFolder(str(args.data), transform=preprocess, loader=_read_image)
+        explainer = fit_explainer(model, dataset, recipe, steps=args.steps, epochs=args.epochs, device=args.device,
+                                  checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed,
+                                  init_from=args.init_from)
     except RuntimeError as err:
-        # The library's RuntimeErrors about a file or a download: the encoder's pretrained weights
+        # The library's RuntimeErrors about a file or a download: an encoder's pretrained weights
         # cannot be had, or a checkpoint cannot be read. Other RuntimeErrors are bugs: traceback.
         message = str(err)
-        if pretrained and message.startswith("encoder:"):
-            from huggingface_hub import constants
-
-            if isinstance(err.__cause__, OSError):
-                why = _one_line(err.__cause__)
-            elif constants.HF_HUB_OFFLINE:
-                why = "they are not in the cache and HF_HUB_OFFLINE is set"
-            else:
-                why = "they are not in the cache and could not be downloaded"
-            raise CommandError(
-                f"--encoder {args.encoder}: its pretrained weights are not available ({why}); add "
-                "--no-pretrained-encoder to train it from random weights, use --encoder small (no weights needed), or "
-                f"download them once where there is a network: python -c \"import timm; "
-                f"timm.create_model('{args.encoder}', pretrained=True)\""
-            ) from err
+        if message.startswith("encoder:"):
+            raise CommandError(f"{_one_line(err)} (or --set model.pretrained_encoder=false, or --recipe small)") from err
         if message.startswith("checkpoint_dir:") or _caused_by(err, OSError):
             raise CommandError(_as_flags(_one_line(err))) from err
         raise
-    except (CommandError, OSError, ValueError) as err:
+    except (CommandError, OSError, ValueError, TypeError) as err:
         raise CommandError(_as_flags(_one_line(err))) from err
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has it; one saves
         return 0
     explainer.save_pretrained(args.out)
-    print(f"saved explainer to {args.out}")
+    print(f"saved explainer to {args.out} (recipe {explainer.config.training['recipe']})")
     return 0
 
 

@@ -421,7 +421,7 @@ class Explainer(
         self.eval()
         param = next(self.parameters())
         try:
-            means = [model.feature_filter.raw_class_logits(model._gate_features(chunk.to(param.device, param.dtype)))
+            means = [model.feature_filter.raw_class_logits(model.gate_features(chunk.to(param.device, param.dtype)))
                      .float().mean(1) for chunk in images.split(batch_size)]
         finally:
             self.train(was_training)

@@ -281,9 +281,6 @@ class MaskingModel(nn.Module):
             raise ValueError(f"encoder: its coarsest map (reduction {reductions[-1]}) must be coarser than the mask's")
         self.encoder = encoder
         self.gate_encoder = copy.deepcopy(encoder) if gate_encoder else None
-        self.detach_gate = False  # set by training: the mask losses then never reach the gate
-        # set by training: the mask losses reach the decoder's encoder through the skip connections only
-        self.detach_bottleneck = False
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:  # the whole encoder, or only the trunk of a ViT pyramid (encoders.frozen_part)
             frozen_part(encoder).requires_grad_(False)
@@ -321,22 +318,23 @@ class MaskingModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not whole):
             return encoder(images)
 
-    def _gate_features(self, images: torch.Tensor) -> torch.Tensor:
+    def gate_features(self, images: torch.Tensor) -> torch.Tensor:
         """The coarsest map the feature filter's gate and class scores read."""
         return self._features(images, self.gate_encoder)[-1]
 
     def presence(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, K)`` class logits ``max_ij X_ij^T C_k`` of the feature filter, without the
         decoder: what the embedding stage of training trains."""
-        return self.feature_filter.class_logits(self._gate_features(images)).float()
+        return self.feature_filter.class_logits(self.gate_features(images)).float()
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor, class_logits: bool = False) -> MaskOutput:
-        """Masks for ``class_ids``; ``class_logits=True`` also scores every class (training)."""
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor, class_logits: bool = False,
+                detach_gate: bool = False) -> MaskOutput:
+        """Masks for ``class_ids``; ``class_logits=True`` also scores every class, and
+        ``detach_gate=True`` keeps the mask losses from reaching the class filter (training)."""
         height, width = images.shape[-2:]
         features = self._features(images)
-        gate = self._gate_features(images) if self.gate_encoder is not None else features[-1]
-        bottleneck = features[-1].detach() if self.detach_bottleneck else features[-1]
-        x, attention, presence_logit = self.feature_filter(bottleneck, class_ids, gate, self.detach_gate)
+        gate = self.gate_features(images) if self.gate_encoder is not None else features[-1]
+        x, attention, presence_logit = self.feature_filter(features[-1], class_ids, gate, detach_gate)
         scores = self.feature_filter.class_logits(gate).float() if class_logits else None
         for i, upsampler in zip(self._skip_indices, self.upsamplers):
             skip = features[i]

@@ -24,6 +24,7 @@ benchmark (``benchmarks/planted_objective.py``, table in ``docs/objective.md``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
@@ -53,7 +54,7 @@ def area(masks: torch.Tensor, power: float = 1.0, eps: float = 0.0) -> torch.Ten
     return values.mean(1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SaliencyObjective:
     """Weights of the paper's objective; call it to get per-image losses and their terms.
 
@@ -78,6 +79,11 @@ class SaliencyObjective:
     def __post_init__(self) -> None:
         if self.classifier_loss not in ("probability", "hinge"):
             raise ValueError(f"classifier_loss: expected 'probability' or 'hinge', got {self.classifier_loss!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "classifier_loss" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                or not math.isfinite(value)):
+                raise ValueError(f"objective.{f.name}: expected a finite number, got {value!r}")
 
     @classmethod
     def paper(cls) -> "SaliencyObjective":
@@ -94,7 +100,7 @@ class SaliencyObjective:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"objective: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: (v if k == "classifier_loss" else float(v)) for k, v in values.items()})
+        return cls(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in values.items()})
 
     def regulariser_terms(self, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """The mask-only terms (``tv`` and ``area``, unweighted), per image."""
