@@ -377,6 +377,10 @@ def _replace(node: Any, where: str, **values: Any) -> Any:
         return dataclasses.replace(node, **values)
     except TypeError as err:
         raise ValueError(f"{where}: {err}") from err
+    except ValueError as err:  # a stage's own check names the stage's field, not the path given
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: {err}") from err
 
 
 _REGISTRY: dict[str, Callable[[], Recipe]] = {}

@@ -207,6 +207,9 @@ def build_explainer(classifier: Callable, recipe: Recipe, image0: torch.Tensor, 
     """The untrained explainer ``recipe.model`` describes (its class filter filled from the
     classifier's head when the recipe says so), started from ``init``'s weights if given."""
     m = recipe.model
+    if m.encoder == "classifier" and not m.pretrained_encoder:  # random weights would be another encoder
+        raise ValueError("model.pretrained_encoder: False does not apply to model.encoder 'classifier', the "
+                         "classifier's own trained features; for random weights name a timm encoder")
     encoder = _encoder(classifier, m.encoder)
     head = head_weight(classifier, num_classes, image0.unsqueeze(0).to(device)) if m.class_embedding == "classifier_head" else None
     explainer = Explainer(
@@ -297,6 +300,7 @@ class _Run:
         self.bar = tqdm(total=self.total, initial=min(self.step, self.total), disable=not (progress and self.group.is_main),
                         desc="fit_explainer", unit="step")
         self.explainer.train()
+        self._logged = (self.step, time.perf_counter())  # the first logged rate counts from here
         try:
             self._loop(source)
         finally:
