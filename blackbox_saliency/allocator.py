@@ -9,8 +9,8 @@ Xeon (``benchmarks/allocator.py``, docs/speed.md), EfficientNet-Lite0's float32 
 ran 2.8 times as fast, its system CPU time falling from 16 s to 0.9 s, for a sixth more peak
 memory. The process's memory then stays near its peak instead of shrinking between passes.
 
-``fit_explainer`` (on the CPU) and the ``blackbox-saliency`` command call
-:func:`keep_freed_memory`; call it yourself before explaining on the CPU. It changes the whole
+The ``blackbox-saliency`` command calls :func:`keep_freed_memory`, and ``fit_explainer`` (on the
+CPU) when its recipe sets ``runtime.keep_freed_memory``; call it yourself before explaining on the CPU. It changes the whole
 process, once; setting ``BLACKBOX_SALIENCY_MALLOC=default`` (or glibc's own ``MALLOC_*``
 variables) before start keeps glibc's behaviour.
 """

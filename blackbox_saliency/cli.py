@@ -312,9 +312,9 @@ def _as_flags(text: str) -> str:
     ``group.field`` becomes ``--set group.field``). Paths and other text are left as they are."""
     name, sep, rest = text.partition(": ")
     if sep and name in _FIT_FLAGS:
-        return f"{_FIT_FLAGS[name]}: {rest}"
-    if sep and "." in name and name.split(".")[0] in ("model", "objective", "schedule", "sampling", "runtime"):
-        return f"--set {name}: {rest}"
+        text = f"{_FIT_FLAGS[name]}: {rest}"
+    elif sep and "." in name and name.split(".")[0] in ("model", "objective", "schedule", "sampling", "runtime"):
+        text = f"--set {name}: {rest}"
     return text.replace("resume=False", "no --resume")
 
 
@@ -334,6 +334,19 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def _with_overrides(recipe: Any, overrides: dict[str, Any]) -> Any:
+    """``recipe`` with each ``--set`` applied in turn; an error names the ``--set`` key it came
+    from (a key such as ``steps`` must not be reported as the ``--steps`` flag)."""
+    for key, value in overrides.items():
+        try:
+            recipe = recipe.replace(**{key: value})
+        except ValueError as err:
+            text = _one_line(err)
+            name, sep, rest = text.partition(": ")
+            raise CommandError(f"--set {key}: {rest if sep and name == key else text}") from err
+    return recipe
+
+
 def _fit(args: argparse.Namespace) -> int:
     from torchvision.datasets import ImageFolder
 
@@ -346,7 +359,7 @@ def _fit(args: argparse.Namespace) -> int:
     try:
         recipe = resolve_recipe(args.recipe, model)
         # a folder's classes need not be the classifier's
-        recipe = recipe.replace(**{"sampling.class_source": "prediction", **overrides})
+        recipe = _with_overrides(recipe.replace(**{"sampling.class_source": "prediction"}), overrides)
         dataset = ImageFolder(str(args.data), transform=preprocess, loader=_read_image)
         explainer = fit_explainer(model, dataset, recipe, steps=args.steps, epochs=args.epochs, device=args.device,
                                   checkpoint_dir=args.checkpoint_dir, resume=args.resume, seed=args.seed,

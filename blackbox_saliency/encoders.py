@@ -327,7 +327,7 @@ def _no_weights_message(encoder: str, why: str) -> str:
     return (
         f"encoder: the pretrained weights of {encoder!r} are not available ({why}). Either download them once "
         f"where there is a network (python -c \"import timm; timm.create_model('{encoder}', pretrained=True)\" "
-        "fills the cache used here), or train without them: pretrained_encoder=False (CLI: --no-pretrained-encoder), "
+        "fills the cache used here), or train without them: pretrained_encoder=False, "
         "encoder='small' (works offline), or an encoder module you have loaded yourself"
     )
 

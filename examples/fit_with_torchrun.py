@@ -5,7 +5,7 @@
 
 On GPUs each process takes one (NCCL); on a CPU-only machine the processes share the CPU
 (gloo). ``fit_explainer`` joins the process group torchrun describes, gives each process
-``batch_size / N`` images of every batch and synchronises gradients and batch norm, so both
+``schedule.batch_size / N`` images of every batch and synchronises gradients and batch norm, so both
 commands train the same explainer up to float noise (``tests/test_distributed.py`` checks it).
 To see it, train in float64 with the classifier's smooth pool and compare the two folders:
 
@@ -19,6 +19,7 @@ swap in your classifier and dataset; see docs/distributed.md for ImageNet-sized 
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from blackbox_saliency import fit_explainer
+from blackbox_saliency import Recipe, fit_explainer, get_recipe
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns, paired_box_iou, mask_boxes
 
 
@@ -44,11 +45,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("explainer-torchrun"))
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from here, with any number of processes")
     parser.add_argument("--removed-peak-weight", type=float, default=None,
-                        help="fit_explainer's removed_peak_weight (default: its own, 1 for the small encoder)")
-    parser.add_argument("--removed-peak-skip-background", type=float, default=None,
-                        help="fit_explainer's removed_peak_skip_background")
-    parser.add_argument("--fit-kwargs", type=json.loads, default={}, metavar="JSON",
-                        help="more fit_explainer arguments, e.g. '{\"freeze_embedding\": false}'")
+                        help="the embedding stage's removed_peak_weight (default: the small recipe's, 1)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of the recipe (JSON value), e.g. --set objective.area_weight=12; "
+                             "repeatable")
     parser.add_argument("--float64", action="store_true",
                         help="train in float64: with --smooth-pool, 1 and N processes then agree to about 1e-11 (in "
                              "float32 they agree up to float noise, which training amplifies)")
@@ -65,12 +65,8 @@ def main() -> None:
     torch.manual_seed(0)
     train, test = PlantedPatterns(args.train_images, patch=12, seed=0), PlantedPatterns(200, patch=12, seed=1)
     explainer = fit_explainer(
-        PatternClassifier(patch=12, smooth=args.smooth_pool), train, encoder="small", encoder_kwargs={"widths": args.widths},
-        epochs=1000, max_steps=args.steps, embedding_steps=args.embedding_steps, batch_size=args.batch_size,
-        device=args.device, seed=args.seed, log_every=args.log_every,
-        checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None, checkpoint_every=50,
-        removed_peak_weight=args.removed_peak_weight, removed_peak_skip_background=args.removed_peak_skip_background,
-        **args.fit_kwargs,
+        PatternClassifier(patch=12, smooth=args.smooth_pool), train, recipe(args), steps=args.steps,
+        device=args.device, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.checkpoint_dir is not None,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same explainer; one writes it
         explainer.save_pretrained(args.out)
@@ -82,6 +78,33 @@ def main() -> None:
         if args.compare_to is not None:
             print(f"largest relative weight difference to {args.compare_to}: "
                   f"{worst_difference(args.out, args.compare_to):.3g}")
+
+
+def recipe(args: argparse.Namespace) -> Recipe:
+    """The small recipe with this script's settings: ``--embedding-steps`` of the ``--steps`` in the
+    embedding stage (a stage's share of the run), then each ``--set``."""
+    if not 0 <= args.embedding_steps <= args.steps:
+        raise SystemExit(f"--embedding-steps: must be in [0, --steps], got {args.embedding_steps}")
+    small = get_recipe("small")
+    embedding, masks = small.schedule.stages
+    share = args.embedding_steps / args.steps
+    if args.removed_peak_weight is not None:
+        embedding = dataclasses.replace(embedding, removed_peak_weight=args.removed_peak_weight)
+    stages = [dataclasses.replace(embedding, share=share), dataclasses.replace(masks, share=1 - share)]
+    changes = {"model.encoder_kwargs": {"widths": args.widths}, "schedule.stages": stages,
+               "schedule.batch_size": args.batch_size, "runtime.log_every": args.log_every,
+               "runtime.checkpoint_every": 50}
+    if args.float64:  # a bf16 autocast would undo it
+        changes["runtime.precision"] = "fp32"
+    for pair in args.overrides:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair}: expected KEY=VALUE")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    return small.replace(**changes)
 
 
 def worst_difference(a: Path, b: Path) -> float:

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from blackbox_saliency import allocator, cli, training
+from blackbox_saliency import allocator, cli, fit_explainer, get_recipe
+from blackbox_saliency.training import fit as fit_module
 
 from conftest import SMALL
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
@@ -54,12 +55,18 @@ def test_the_user_can_keep_glibcs_behaviour():
     assert _probe("apply", MALLOC_MMAP_THRESHOLD_="262144")[0] is False  # their own setting wins
 
 
-def test_fit_explainer_on_the_cpu_and_the_command_line_apply_it(monkeypatch, tmp_path):
+def test_fit_explainer_leaves_the_allocator_alone_unless_the_recipe_asks_and_the_command_line_applies_it(
+        monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append("fit"))
+    monkeypatch.setattr(fit_module, "keep_freed_memory", lambda: calls.append("fit"))
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("cli"))
-    fit = dict(SMALL, epochs=1, batch_size=8, progress=False, device="cpu", max_steps=1)
-    training.fit_explainer(PatternClassifier(patch=12), PlantedPatterns(16, patch=12), **fit)
+    recipe = get_recipe("small").replace(**{"model.encoder_kwargs": SMALL["encoder_kwargs"], "schedule.batch_size": 8,
+                                            "runtime.precision": "fp32"})
+    data = PlantedPatterns(16, patch=12)
+    fit_explainer(PatternClassifier(patch=12), data, recipe, steps=1, progress=False, device="cpu")
+    assert calls == []  # it changes the whole process: a library does not, unasked
+    asked = recipe.replace(**{"runtime.keep_freed_memory": True})
+    fit_explainer(PatternClassifier(patch=12), data, asked, steps=1, progress=False, device="cpu")
     assert calls == ["fit"]
     cli.main(["explain", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "out")])  # fails: no image
     assert calls == ["fit", "cli"]

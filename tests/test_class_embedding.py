@@ -3,13 +3,20 @@
 import pytest
 import torch
 
-from blackbox_saliency import Explainer, ExplainerConfig, fit_explainer
+from blackbox_saliency import Explainer, ExplainerConfig, fit_explainer, get_recipe
 from blackbox_saliency._blackbox import head_weight
 from blackbox_saliency.testing import PlantedPatterns
 
 from conftest import SMALL, tiny_cnn
 
 HEAD = {**SMALL, "class_embedding": "classifier_head", "class_embedding_features": 8}
+
+
+def head_recipe(name="small", **changes):
+    """``name``'s recipe with class embeddings from the classifier's head, on the tiny encoder, in float32."""
+    return get_recipe(name).replace(**{"model.class_embedding": "classifier_head", "model.encoder_kwargs":
+                                       SMALL["encoder_kwargs"], "schedule.batch_size": 8, "runtime.precision": "fp32",
+                                       **changes})
 
 
 def test_classes_with_the_same_head_row_get_the_same_mask():
@@ -34,8 +41,9 @@ def test_the_learned_embedding_keeps_one_vector_per_class():
 def test_fit_reads_the_head_and_trains_the_map_not_the_rows():
     classifier = tiny_cnn(4)
     data = PlantedPatterns(32, patch=12, size=32)
-    explainer = fit_explainer(classifier, data, **SMALL, class_embedding="classifier_head", epochs=1, batch_size=8,
-                              device="cpu", progress=False, max_steps=3, embedding_steps=1)
+    # the small recipe's shares of 3 steps: one embedding step, then two mask steps
+    explainer = fit_explainer(classifier, data, head_recipe(), steps=3, device="cpu", progress=False)
+    assert explainer.config.training["stage_ends"] == [1, 3]
     ff = explainer.masking_model.feature_filter
     assert explainer.config.class_embedding_features == 8
     assert torch.equal(ff.head_weight, classifier[-1].weight)
@@ -43,6 +51,11 @@ def test_fit_reads_the_head_and_trains_the_map_not_the_rows():
     torch.manual_seed(0)
     untrained = Explainer(num_classes=4, **{**HEAD}).masking_model.feature_filter.projection.weight
     assert not torch.equal(untrained, ff.projection.weight)
+
+
+def test_the_class_embedding_keyword_names_the_recipe_setting():
+    with pytest.raises(TypeError, match=r"class_embedding= is now model\.class_embedding"):
+        fit_explainer(tiny_cnn(4), PlantedPatterns(16, patch=12, size=32), class_embedding="classifier_head")
 
 
 def test_saved_and_loaded_with_the_head_rows(tmp_path):
@@ -93,8 +106,8 @@ def test_head_weight_finds_the_final_layer_or_names_the_argument():
 def test_fit_refuses_a_classifier_without_a_linear_head():
     classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     with pytest.raises(ValueError, match="class_embedding"):
-        fit_explainer(classifier, PlantedPatterns(16, patch=12, size=32), **SMALL, class_embedding="classifier_head",
-                      epochs=1, batch_size=8, device="cpu", progress=False, max_steps=1)
+        fit_explainer(classifier, PlantedPatterns(16, patch=12, size=32), head_recipe(), steps=1, device="cpu",
+                      progress=False)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
@@ -176,24 +189,25 @@ def test_head_weight_takes_timms_classifier_or_none():
 def test_fit_starts_the_map_from_the_classifiers_head_input_path():
     import timm
 
-    from blackbox_saliency.encoders import classifier_features
-
     classifier = timm.create_model("resnet18", pretrained=False, num_classes=4)
-    encoder = classifier_features(classifier)
-    explainer = fit_explainer(classifier, PlantedPatterns(16, patch=12, size=32), encoder=encoder,
-                              class_embedding="classifier_head", epochs=1, batch_size=8, device="cpu",
-                              progress=False, max_steps=1, lr=0.0)
-    assert torch.equal(explainer.masking_model.feature_filter.projection.weight, torch.eye(512))
+    # the timm recipe: the classifier's own features, the map started from its head's input path
+    # and kept fixed while the masks train (one stage, at full resolution, for speed)
+    recipe = get_recipe("timm").replace(**{"schedule.stages": [{"kind": "masks", "share": 1.0, "filter": "fixed"}],
+                                           "schedule.batch_size": 8, "runtime.precision": "fp32"})
+    explainer = fit_explainer(classifier, PlantedPatterns(16, patch=12, size=32), recipe, steps=1, device="cpu",
+                              progress=False)
+    assert explainer.config.encoder == "resnet18" and explainer.config.class_embedding == "classifier_head"
+    ff = explainer.masking_model.feature_filter
+    assert torch.equal(ff.projection.weight, torch.eye(512))
+    assert all(p.requires_grad for p in ff.parameters())  # what the stage froze is released after it
 
 
-def test_fit_checks_the_head_width_and_keeps_its_own_head_over_init_from():
+def test_fit_keeps_its_own_classifiers_head_over_init_from():
     classifier = tiny_cnn(4)
-    kwargs = dict(**SMALL, class_embedding="classifier_head", epochs=1, batch_size=8, device="cpu", progress=False,
-                  max_steps=1)
     data = PlantedPatterns(16, patch=12, size=32)
-    with pytest.raises(ValueError, match="class_embedding_features.*8"):
-        fit_explainer(classifier, data, class_embedding_features=7, **kwargs)
-    first = fit_explainer(classifier, data, **kwargs)
+    first = fit_explainer(classifier, data, head_recipe(), steps=1, device="cpu", progress=False)
     other = tiny_cnn(4)  # another classifier of the same shape
-    second = fit_explainer(other, data, init_from=first, **kwargs)
+    assert not torch.equal(other[-1].weight, classifier[-1].weight)
+    second = fit_explainer(other, data, head_recipe(), steps=1, device="cpu", progress=False, init_from=first)
     assert torch.equal(second.masking_model.feature_filter.head_weight, other[-1].weight)
+    assert second.config.training["init_from"] == "an Explainer object"

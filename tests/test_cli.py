@@ -2,6 +2,7 @@
 ``--save-masks``, ``--version``. Hermetic: tiny classifiers, tmp folders, the Hub offline."""
 
 import importlib.metadata
+import re
 
 import numpy as np
 import pytest
@@ -75,10 +76,17 @@ def error_line(capsys, command):
     return lines[-1]
 
 
-def fit_args(data, out, *extra):
-    return ["fit", str(data), "--max-steps", "1", "--batch-size", "2", "--out", str(out), *extra]
+# the small encoder at its smallest, 2 images a batch, float32: one step takes well under a second
+TINY_ENCODER = ["--set", 'model.encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1}']
+QUICK = ["--set", "schedule.batch_size=2", "--set", "runtime.precision=fp32"]
 
 
+def fit_args(data, out, *extra, encoder=TINY_ENCODER):
+    return ["fit", str(data), "--steps", "1", *QUICK, *encoder, "--out", str(out), *extra]
+
+
+def never_trains(monkeypatch):
+    monkeypatch.setattr(blackbox_saliency, "fit_explainer", lambda *a, **k: pytest.fail("trained anyway"))
 # --version
 
 
@@ -102,113 +110,168 @@ def test_explain_out_that_is_a_file(tiny, tmp_path, capsys):
 
 def test_fit_out_that_is_a_file_fails_before_training(tiny, tmp_path, capsys, monkeypatch):
     (tmp_path / "taken").write_text("a file")
-    monkeypatch.setattr(blackbox_saliency, "fit_explainer", lambda *a, **k: pytest.fail("trained anyway"))
+    never_trains(monkeypatch)
     assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "taken")) == 2
     assert "taken" in error_line(capsys, "fit")
 
 
+# fit: its flags, --recipe, --set, --steps
+
+
+def test_fit_help_lists_the_recipe_flags_and_none_of_the_old_ones(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--help"])
+    assert exit.value.code == 0
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out))
+    assert flags == {"--help", "--classifier", "--recipe", "--set", "--steps", "--epochs", "--device",
+                     "--checkpoint-dir", "--resume", "--seed", "--init-from", "--out"}
+    # the research switches and loader settings of before recipes are --set keys now, or gone
+    for old in ("--encoder", "--batch-size", "--max-steps", "--workers", "--preload", "--freeze-embedding"):
+        with pytest.raises(SystemExit):
+            main(["fit", "data", "--out", "x", old, "1"])
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_fit_picks_the_small_recipe_for_a_classifier_that_is_not_timms(tiny, tmp_path, capsys):
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out")) == 0
+    assert "recipe small" in capsys.readouterr().out
+    explainer = Explainer.from_pretrained(tmp_path / "out")
+    training = explainer.config.training
+    assert training["recipe"] == "small" and training["steps"] == 1
+    # the small recipe's model: a separate gate encoder, masks at half resolution
+    assert explainer.config.gate_encoder is True and explainer.config.mask_reduction == 2
+    # a folder's class names are not the classifier's: the class explained is its prediction
+    assert training["settings"]["sampling"]["class_source"] == "prediction"
+    assert training["overrides"]["schedule.batch_size"] == 2
+
+
+def test_fit_recipe_by_name(tiny, tmp_path):
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--recipe", "cifar")) == 0
+    explainer = Explainer.from_pretrained(tmp_path / "out")
+    training = explainer.config.training
+    assert training["recipe"] == "cifar" and explainer.config.gate_encoder is False
+    assert [s["kind"] for s in training["settings"]["schedule"]["stages"]] == ["embedding", "masks"]
+    assert training["settings"]["sampling"]["fake_label_prob"] == 0.5
+
+
+def test_fit_refuses_an_unknown_recipe_naming_the_flag(tiny, tmp_path, capsys, monkeypatch):
+    never_trains(monkeypatch)
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--recipe", "nope")) == 2
+    line = error_line(capsys, "fit")
+    assert "--recipe" in line and "'nope'" in line and "timm" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_set_reads_values_as_json_else_as_text(tiny, tmp_path):
+    sets = ["--set", "objective.area_weight=12", "--set", "model.presence_std_threshold=2",
+            "--set", "model.gate_encoder=false", "--set", "model.mask_reduction=4",
+            "--set", "schedule.stages.0.removed_peak_weight=0.6", "--set", "sampling.crop_scale=[0.5, 1]"]
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", *sets)) == 0
+    config = Explainer.from_pretrained(tmp_path / "out").config
+    assert config.objective["area_weight"] == 12.0 and config.presence_std_threshold == 2.0
+    assert config.gate_encoder is False and config.mask_reduction == 4
+    settings = config.training["settings"]
+    assert settings["schedule"]["stages"][0]["removed_peak_weight"] == 0.6
+    assert settings["sampling"]["crop_scale"] == [0.5, 1.0]
+    assert settings["runtime"]["precision"] == "fp32"  # not JSON: taken as text
+    overrides = config.training["overrides"]
+    assert overrides["objective.area_weight"] == 12 and overrides["model.gate_encoder"] is False
+    assert overrides["model.encoder_kwargs"] == {"widths": [8, 16, 32], "layers_per_block": 1}
+
+
+@pytest.mark.parametrize("pair, named", [
+    ("model.no_such_setting=1", "--set model.no_such_setting"),
+    ("steps=3", "--set steps"),  # a key, not the --steps flag
+    ("sampling.fake_label_prob=1.5", "--set sampling.fake_label_prob"),
+    ("objective.area_weight=NaN", "--set objective.area_weight"),
+    ("schedule.stages.0.removed_peak_weight=-1", "--set schedule.stages.0.removed_peak_weight"),
+    ("schedule.stages.5.share=1", "--set schedule.stages.5.share"),
+    ("model.mask_reduction=0", "--set model.mask_reduction"),
+])
+def test_fit_refuses_a_bad_setting_naming_its_set_key(tiny, tmp_path, capsys, monkeypatch, pair, named):
+    never_trains(monkeypatch)
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--set", pair)) == 2
+    line = error_line(capsys, "fit")
+    assert f"blackbox-saliency fit: {named}: " in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pair", ["area_weight", "=12", " =1"])
+def test_fit_refuses_a_malformed_set_pair(tiny, tmp_path, capsys, monkeypatch, pair):
+    never_trains(monkeypatch)
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--set", pair)) == 2
+    line = error_line(capsys, "fit")
+    assert line.startswith("blackbox-saliency fit: --set ") and "expected KEY=VALUE" in line
+
+
+def test_fit_steps_and_epochs_set_the_runs_length(tiny, tmp_path):
+    data = image_folder(tmp_path / "data")  # 4 images, batches of 2
+    args = fit_args(data, tmp_path / "steps")
+    args[args.index("--steps") + 1] = "3"
+    assert main(args) == 0
+    assert Explainer.from_pretrained(tmp_path / "steps").config.training["steps"] == 3
+    args = [a for a in fit_args(data, tmp_path / "epochs") if a not in ("--steps", "1")] + ["--epochs", "1"]
+    assert main(args) == 0
+    training = Explainer.from_pretrained(tmp_path / "epochs").config.training
+    assert training["steps"] == 2 and training["settings"]["schedule"]["epochs"] == 1
+    assert "schedule.epochs" not in training["overrides"]  # the run's length, not a change of the recipe
+
+
+@pytest.mark.parametrize("extra, flag", [(["--steps", "0"], "--steps"), (["--epochs", "-1"], "--epochs"),
+                                         (["--seed", "1", "--device", "no-such-device"], "--device")])
+def test_fit_refuses_a_bad_length_or_device_naming_the_flag(tiny, tmp_path, capsys, extra, flag):
+    args = [a for a in fit_args(image_folder(tmp_path / "data"), tmp_path / "out") if a not in ("--steps", "1")]
+    assert main(args + extra) == 2
+    assert error_line(capsys, "fit").startswith(f"blackbox-saliency fit: {flag}: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fit_with_the_classifiers_head_as_class_embedding(tiny, tmp_path):
-    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--class-embedding", "classifier_head")) == 0
+    args = fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--set", "model.class_embedding=classifier_head")
+    assert main(args) == 0
     explainer = Explainer.from_pretrained(tmp_path / "out")
     assert explainer.config.class_embedding == "classifier_head"
     assert torch.equal(explainer.masking_model.feature_filter.head_weight, tiny[0][-1].weight)
 
 
-def test_fit_on_the_classifiers_own_features(tmp_path, monkeypatch):
+@pytest.fixture
+def timm_resnet(monkeypatch):
+    """Every --classifier name gives a random-init timm ResNet-18 of 4 classes at 32 px."""
     import timm
 
+    torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
-    preprocess = tiny_classifier()[1]
-    monkeypatch.setattr(blackbox_saliency, "load_classifier", lambda name="efficientnet_lite0": (model, preprocess))
-    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "classifier")) == 0
+    monkeypatch.setattr(blackbox_saliency, "load_classifier", lambda name="efficientnet_lite0": (model, tiny_classifier()[1]))
+    return model
+
+
+def test_fit_on_the_classifiers_own_features(timm_resnet, tmp_path):
+    # auto: a timm classifier with a linear head gets the timm recipe, whose encoder is its own features
+    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", encoder=[])) == 0
     explainer = Explainer.from_pretrained(tmp_path / "out")
-    assert explainer.config.encoder == "resnet18"
+    assert explainer.config.training["recipe"] == "timm"
+    assert explainer.config.encoder == "resnet18" and explainer.config.class_embedding == "classifier_head"
     # the classifier's weights, not timm's random ones: frozen in training, saved, loaded again
     encoder = explainer.masking_model.encoder
     stem = next(k for k in encoder.state_dict() if k.endswith("conv1.weight"))
-    assert torch.equal(encoder.state_dict()[stem], model.conv1.weight)
+    assert torch.equal(encoder.state_dict()[stem], timm_resnet.conv1.weight)
 
 
-def test_fit_on_the_features_of_a_classifier_timm_does_not_know_is_refused(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(blackbox_saliency, "fit_explainer", lambda *a, **k: pytest.fail("trained anyway"))
-    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "classifier")) == 2
-    line = error_line(capsys, "fit")
-    assert "--encoder classifier" in line and "timm" in line
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+def test_fit_on_the_features_of_a_classifier_timm_does_not_know_is_refused(tiny, tmp_path, capsys):
+    for args in (["--recipe", "timm"], ["--set", "model.encoder=classifier"]):
+        assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", *args)) == 2
+        line = error_line(capsys, "fit")
+        assert "--set model.encoder: 'classifier' needs a timm classifier" in line
+        assert not (tmp_path / "out").exists()
 
 
-def test_fit_on_the_classifiers_features_from_random_weights_is_refused(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(blackbox_saliency, "fit_explainer", lambda *a, **k: pytest.fail("trained anyway"))
-    args = fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "classifier", "--no-pretrained-encoder")
+def test_fit_on_the_classifiers_features_from_random_weights_is_refused(timm_resnet, tmp_path, capsys):
+    args = fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--set", "model.pretrained_encoder=false",
+                    encoder=[])
     assert main(args) == 2
     line = error_line(capsys, "fit")
-    assert "--no-pretrained-encoder" in line and "--encoder classifier" in line
-
-
-def test_fit_passes_the_shipped_lite0_recipes_embedding_options(tiny, tmp_path):
-    data = image_folder(tmp_path / "data")
-    args = ("--class-embedding", "classifier_head", "--embedding-steps", "0", "--presence-std-threshold", "2")
-    assert main(fit_args(data, tmp_path / "all", *args, "--freeze-embedding")) == 0
-    explainer = Explainer.from_pretrained(tmp_path / "all")
-    assert explainer.config.presence_std_threshold == 2.0
-    assert explainer.config.training["embedding_steps"] == 0
-    assert explainer.config.training["freeze_embedding"] is True
-    assert main(fit_args(data, tmp_path / "class", "--freeze-embedding", "class_embedding")) == 0
-    explainer = Explainer.from_pretrained(tmp_path / "class")
-    assert explainer.config.training["freeze_embedding"] == "class_embedding"
-    assert explainer.config.presence_std_threshold is None
-
-
-def test_fit_passes_the_removed_peak_options(tiny, tmp_path):
-    data = image_folder(tmp_path / "data")
-    # one embedding-stage step, where the removed peak is used, then one mask step
-    args = ("--max-steps", "2", "--embedding-steps", "1", "--removed-peak-weight", "0.6", "--removed-peak-cells", "1",
-            "--removed-peak-skip-background", "0.5")
-    assert main(fit_args(data, tmp_path / "out", *args)) == 0
-    training = Explainer.from_pretrained(tmp_path / "out").config.training
-    assert training["removed_peak_weight"] == 0.6 and training["removed_peak_cells"] == 1
-    assert training["removed_peak_skip_background"] == 0.5
-
-
-def test_fit_passes_decoder_encoder_steps(tiny, tmp_path):
-    data = image_folder(tmp_path / "data")
-    args = ("--max-steps", "3", "--embedding-steps", "1", "--encoder", "small", "--gate-encoder",
-            "--freeze-embedding", "decoder_encoder", "--decoder-encoder-steps", "1")
-    assert main(fit_args(data, tmp_path / "out", *args)) == 0
-    training = Explainer.from_pretrained(tmp_path / "out").config.training
-    assert training["freeze_embedding"] == "decoder_encoder" and training["decoder_encoder_steps"] == 1
-
-
-def test_fit_leaves_the_small_encoders_defaults_to_the_library_and_can_turn_each_off(tiny, tmp_path):
-    from blackbox_saliency.training import EARLIER_DEFAULTS, SMALL_ENCODER_DEFAULTS
-
-    def settings(folder):
-        config = Explainer.from_pretrained(folder).config
-        return {"freeze_embedding": config.training["freeze_embedding"],
-                "removed_peak_weight": config.training["removed_peak_weight"],
-                "gate_encoder": config.gate_encoder, "mask_reduction": config.mask_reduction}
-
-    data = image_folder(tmp_path / "data")
-    assert main(fit_args(data, tmp_path / "defaults", "--encoder", "small")) == 0
-    assert settings(tmp_path / "defaults") == SMALL_ENCODER_DEFAULTS
-    off = ("--freeze-embedding", "none", "--removed-peak-weight", "0", "--no-gate-encoder", "--mask-reduction", "4")
-    assert main(fit_args(data, tmp_path / "off", "--encoder", "small", *off)) == 0
-    assert settings(tmp_path / "off") == EARLIER_DEFAULTS
-
-
-@pytest.mark.parametrize("flag, value", [("--removed-peak-weight", "-1"), ("--removed-peak-cells", "2"),
-                                         ("--removed-peak-skip-background", "1.5"),
-                                         ("--decoder-encoder-steps", "-1"), ("--mask-reduction", "3")])
-def test_fit_rejects_bad_removed_peak_options_naming_the_flag(tiny, tmp_path, capsys, flag, value):
-    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", flag, value)) == 2
-    assert flag in error_line(capsys, "fit")
-    assert not (tmp_path / "out").exists()
-
-
-def test_fit_rejects_a_negative_embedding_steps_naming_the_flag(tiny, tmp_path, capsys):
-    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--embedding-steps", "-1")) == 2
-    assert "--embedding-steps" in error_line(capsys, "fit")
+    assert "--set model.pretrained_encoder" in line and "'classifier'" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -269,11 +332,12 @@ def test_push_bug_keeps_its_traceback(tmp_path, monkeypatch):
 # fit: pretrained encoder offline, unreadable images, unreadable checkpoint, bugs
 
 
-def test_fit_pretrained_encoder_offline_names_the_flag(tiny, tmp_path, capsys):
-    assert main(fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--encoder", "resnet18")) == 2
+def test_fit_pretrained_encoder_offline_names_the_setting(tiny, tmp_path, capsys):
+    args = fit_args(image_folder(tmp_path / "data"), tmp_path / "out", "--set", "model.encoder=resnet18", encoder=[])
+    assert main(args) == 2
     line = error_line(capsys, "fit")
-    assert "resnet18" in line and "--no-pretrained-encoder" in line
-    assert "pretrained_encoder=False" not in line
+    assert "'resnet18'" in line and "--set model.pretrained_encoder=false" in line
+    assert "--no-pretrained-encoder" not in line  # a flag that is gone
     assert not (tmp_path / "out").exists()
 
 
@@ -282,7 +346,8 @@ def test_fit_truncated_jpeg_is_named(workers, tiny, tmp_path, capsys):
     data = image_folder(tmp_path / "data")
     broken = save_image(data / "dog" / "broken.jpg", size=64)
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
-    code = main(fit_args(data, tmp_path / "out", "--preload", "--workers", str(workers)))  # preload decodes all
+    code = main(fit_args(data, tmp_path / "out", "--set", "runtime.preload=true",  # preload decodes all
+                         "--set", f"runtime.num_workers={workers}"))
     assert code == 2
     line = error_line(capsys, "fit")
     assert str(broken) in line and "truncated" in line
@@ -295,7 +360,7 @@ def test_fit_unreadable_checkpoint(tiny, tmp_path, capsys):
                     "--resume")
     assert main(args) == 2
     line = error_line(capsys, "fit")
-    assert "--checkpoint-dir" in line and "last.pt" in line and "resume=False" not in line
+    assert "--checkpoint-dir" in line and "last.pt" in line and "no --resume" in line and "resume=False" not in line
 
 
 def test_fit_runtime_bug_keeps_its_traceback(tiny, tmp_path, monkeypatch):

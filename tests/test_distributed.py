@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from blackbox_saliency import fit_explainer
+from blackbox_saliency import fit_explainer, get_recipe
 from blackbox_saliency._distributed import BatchShard, _AllReduceBatchNorm2d, sync_batchnorm, unsync_batchnorm
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
@@ -22,7 +22,7 @@ EXAMPLE = ROOT / "examples" / "fit_with_torchrun.py"
 # statistics or gradient averaging shows up as a difference of order one. The matched filter pools
 # smoothly: its maximum's gradient jumps when rounding moves the maximum, and one process on 1 and on
 # 2 threads then diverges as much as one and two processes do (2026-12-06, docs/distributed.md).
-# One embedding-stage step, then mask steps, with the small encoder's defaults (the removed peak too).
+# One embedding-stage step, then mask steps, with the small recipe (the removed peak too).
 SMALL = ["--train-images", "256", "--batch-size", "64", "--float64", "--smooth-pool", "50", "--embedding-steps", "1"]
 
 
@@ -54,8 +54,6 @@ def one_process(tmp_path_factory):
     return _weights(tmp / "one")
 
 
-# 0.26: about the median probability the matched filter gives an image's class once it is blurred,
-# so the processes keep different numbers of images
 @pytest.fixture(scope="module")
 def without_removed_peak(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plain")
@@ -63,13 +61,9 @@ def without_removed_peak(tmp_path_factory):
     return _weights(tmp / "plain")
 
 
-@pytest.mark.parametrize("skip", [None, "0.26"])
-def test_two_processes_train_the_removed_peak_as_one_does(tmp_path, skip, without_removed_peak):
-    # the removed peak's second encoder pass runs inside the DistributedDataParallel forward, and
-    # the skip's mean is over the kept images of the whole batch, not of each process's share
+def test_two_processes_train_the_removed_peak_as_one_does(tmp_path, without_removed_peak):
+    # the removed peak's second encoder pass runs inside the DistributedDataParallel forward
     args = ["--steps", "2", "--embedding-steps", "2", "--removed-peak-weight", "1"]
-    if skip:
-        args += ["--removed-peak-skip-background", skip]
     _fit(tmp_path, "one", 1, *args)
     _fit(tmp_path, "two", 2, *args)
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -82,7 +76,7 @@ def test_two_processes_train_what_one_trains(tmp_path, one_process):
     # logging every step: its loss reduction runs on every process (process 0 alone would hang)
     done = _fit(tmp_path, "two", 2, "--steps", "4", "--log-every", "1")
     assert done.stdout.count("2 process(es)") == 1  # process 0 alone reports and saves
-    assert [done.stderr.count(f"step {i}/4 ") for i in (1, 2, 3, 4)] == [1, 1, 1, 1], done.stderr[-2000:]
+    assert [done.stderr.count(f"step {i}/4: ") for i in (1, 2, 3, 4)] == [1, 1, 1, 1], done.stderr[-2000:]
     two = _weights(tmp_path / "two")
     assert _worst_difference(one_process, two) < 1e-9
     # and the comparison can fail: one more step is a different explainer
@@ -91,17 +85,22 @@ def test_two_processes_train_what_one_trains(tmp_path, one_process):
 
 
 def test_a_run_started_on_two_processes_resumes_on_one(tmp_path, one_process):
+    # a longer run resumes a shorter one of the same recipe, whose stages keep the steps they had:
+    # 0.3 of 2 steps is one embedding step, as 0.25 of 4 is in the one-process run
+    stages = ('schedule.stages=[{"kind": "embedding", "share": 0.3, "removed_peak_weight": 1.0}, '
+              '{"kind": "masks", "share": 0.7, "filter": "presence_only"}]')
     checkpoints = tmp_path / "checkpoints"
-    _fit(tmp_path, "half", 2, "--steps", "2", "--checkpoint-dir", str(checkpoints))
+    _fit(tmp_path, "half", 2, "--steps", "2", "--set", stages, "--checkpoint-dir", str(checkpoints))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt"]
-    _fit(tmp_path, "resumed", 1, "--steps", "4", "--checkpoint-dir", str(checkpoints))
+    done = _fit(tmp_path, "resumed", 1, "--steps", "4", "--set", stages, "--checkpoint-dir", str(checkpoints))
+    assert "resumed from" in done.stderr and "(step 2)" in done.stderr  # not trained afresh to the same weights
     assert _worst_difference(one_process, _weights(tmp_path / "resumed")) < 1e-9
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
     done = _fit(tmp_path, "odd", 2, "--steps", "1", "--batch-size", "63", check=False)
     assert done.returncode != 0
-    assert "batch_size: 63 must be divisible by the number of processes (2)" in done.stderr
+    assert "schedule.batch_size: 63 must divide among 2 process(es)" in done.stderr
 
 
 def test_shards_draw_the_rows_of_the_whole_batch():
@@ -137,8 +136,10 @@ def test_sync_batchnorm_swaps_trainable_norms_and_back_keeping_the_weights():
 def test_preloaded_data_trains_what_streamed_data_trains():
     torch.set_num_threads(2)
     data = PlantedPatterns(96, patch=12, seed=0)
-    runs = [fit_explainer(PatternClassifier(patch=12), data, encoder="small", encoder_kwargs={"widths": [8, 16, 16]},
-                          epochs=2, batch_size=32, seed=0, progress=False, preload=preload)
+    recipe = get_recipe("small").replace(**{"model.encoder_kwargs": {"widths": [8, 16, 16]}, "schedule.batch_size": 32,
+                                            "runtime.precision": "fp32"})
+    runs = [fit_explainer(PatternClassifier(patch=12), data, recipe.replace(**{"runtime.preload": preload}), epochs=2,
+                          seed=0, progress=False)
             for preload in (False, True)]
     streamed, preloaded = (r.state_dict() for r in runs)
     assert all(torch.equal(streamed[k], preloaded[k]) for k in streamed)
@@ -158,11 +159,12 @@ class _Huge(torch.utils.data.Dataset):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_preload_on_gpu_trains_and_refuses_what_does_not_fit():
     data = PlantedPatterns(96, patch=12, seed=0)
-    explainer = fit_explainer(PatternClassifier(patch=12), data, encoder="small", encoder_kwargs={"widths": [8, 16, 16]},
-                              epochs=2, batch_size=32, device="cuda", progress=False, preload=True)
+    recipe = get_recipe("small").replace(**{"model.encoder_kwargs": {"widths": [8, 16, 16]}, "schedule.batch_size": 32,
+                                            "runtime.preload": True})
+    explainer = fit_explainer(PatternClassifier(patch=12), data, recipe, epochs=2, device="cuda", progress=False)
     assert explainer.device.type == "cuda"
     with pytest.raises(ValueError, match="preload: the dataset takes"):
-        fit_explainer(PatternClassifier(patch=12), _Huge(), encoder="small", device="cuda", progress=False, preload=True)
+        fit_explainer(PatternClassifier(patch=12), _Huge(), recipe, device="cuda", progress=False)
 
 
 def test_the_smooth_pool_stays_within_its_bound_of_the_maximum_and_spreads_the_gradient():

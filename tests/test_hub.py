@@ -402,3 +402,27 @@ def test_model_card_states_the_masks_resolution():
     for reduction in (2, 4):
         card = str(Explainer(num_classes=3, mask_reduction=reduction, **SMALL).generate_model_card())
         assert f"The mask has 1/{reduction} of the input resolution" in card
+
+
+def test_a_fitted_explainer_records_its_recipe_in_the_config_and_the_card(tmp_path):
+    from blackbox_saliency import Recipe, fit_explainer, get_recipe
+    from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
+
+    changes = {"model.encoder_kwargs": SMALL["encoder_kwargs"], "objective.area_weight": 6.0, "schedule.batch_size": 8,
+               "runtime.precision": "fp32"}
+    recipe = get_recipe("small").replace(**changes)
+    explainer = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(16, patch=12), recipe, steps=1, seed=3,
+                              progress=False)
+    explainer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    training = config["training"]
+    assert training["recipe"] == "small" and training["seed"] == 3 and training["steps"] == 1
+    assert training["overrides"] == changes  # the run's length is not a change of the recipe
+    assert config["objective"]["area_weight"] == 6.0
+    # the settings rebuild the recipe the run trained with
+    rebuilt = Recipe.from_dict(training["settings"])
+    assert (rebuilt.model, rebuilt.objective, rebuilt.sampling, rebuilt.runtime) == (
+        recipe.model, recipe.objective, recipe.sampling, recipe.runtime)
+    assert rebuilt.schedule.stages == recipe.schedule.stages and (rebuilt.schedule.steps, rebuilt.schedule.epochs) == (1, None)
+    card = (tmp_path / "README.md").read_text()
+    assert '"recipe": "small"' in card and '"objective.area_weight": 6.0' in card

@@ -97,3 +97,40 @@ def test_a_gate_encoder_needs_a_trainable_encoder_and_survives_saving(tmp_path):
     assert loaded.config.gate_encoder is True
     assert torch.equal(loaded(x, 1), explainer(x, 1))
     assert Explainer(num_classes=4, **SMALL).masking_model.gate_encoder is None  # the paper's: one encoder
+
+
+def test_detach_gate_keeps_the_mask_losses_from_the_class_filter_and_its_encoder():
+    torch.manual_seed(0)
+    model = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=4, gate_encoder=True).train()
+    assert not hasattr(model, "detach_gate") and not hasattr(model, "detach_bottleneck")  # a forward argument now
+    x, ids = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+
+    def gradients(detach_gate):
+        model.zero_grad(set_to_none=True)
+        out = model(x, ids, detach_gate=detach_gate)
+        out.mask.mean().backward()
+        reached = lambda module: any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())  # noqa: E731
+        return {name: reached(part) for name, part in (("filter", model.feature_filter), ("gate", model.gate_encoder),
+                                                        ("encoder", model.encoder), ("decoder", model.upsamplers))}
+
+    assert gradients(False) == {"filter": True, "gate": True, "encoder": True, "decoder": True}
+    assert gradients(True) == {"filter": False, "gate": False, "encoder": True, "decoder": True}
+    # the per-image score still passes its gradient to the filter, and the masks are the same
+    with torch.no_grad():
+        assert torch.equal(model(x, ids, detach_gate=True).mask, model(x, ids).mask)
+    model.zero_grad(set_to_none=True)
+    model(x, ids, detach_gate=True).presence_logit.sum().backward()
+    assert model.feature_filter.embedding.weight.grad.abs().sum() > 0
+
+
+def test_gate_features_are_the_gate_encoders_coarsest_map():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    shared = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=4).eval()
+    with torch.no_grad():
+        assert torch.equal(shared.gate_features(x), shared.encoder(x)[-1])
+        separate = MaskingModel(SmallEncoder(widths=(8, 16, 32)), num_classes=4, gate_encoder=True).eval()
+        for p in separate.gate_encoder.parameters():
+            p.add_(0.1)
+        assert torch.equal(separate.gate_features(x), separate.gate_encoder(x)[-1])
+        assert not torch.equal(separate.gate_features(x), separate.encoder(x)[-1])

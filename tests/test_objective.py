@@ -1,9 +1,10 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from blackbox_saliency import SaliencyObjective
+from blackbox_saliency import SaliencyObjective, get_recipe
 from blackbox_saliency.evidence import alternative_image, gaussian_blur, remove_evidence
 from blackbox_saliency.objective import area, total_variation
 
@@ -60,6 +61,32 @@ def test_bad_objective_settings():
         SaliencyObjective(classifier_loss="nope")
     with pytest.raises(ValueError, match="unknown setting"):
         SaliencyObjective.from_dict({"lambda9": 1})
+
+
+def test_the_objective_is_frozen():
+    objective = SaliencyObjective()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        objective.area_weight = 1.0
+    changed = dataclasses.replace(objective, area_weight=2.0)
+    assert changed.area_weight == 2.0 and objective.area_weight == 8.0
+    assert hash(objective) == hash(SaliencyObjective()) and objective != changed  # a value, usable as a key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "8", True, None, [8.0]])
+def test_every_weight_must_be_a_finite_number_named_when_not(value):
+    with pytest.raises(ValueError, match=r"objective\.area_weight: expected a finite number"):
+        SaliencyObjective(area_weight=value)
+    with pytest.raises(ValueError, match=r"objective\.destroy_margin: expected a finite number"):
+        SaliencyObjective.from_dict({"destroy_margin": value})
+    with pytest.raises(ValueError, match=r"objective\.tv_weight"):  # through a recipe too
+        get_recipe("small").replace(objective={"tv_weight": value})
+
+
+def test_from_dict_takes_ints_as_floats_and_round_trips():
+    objective = SaliencyObjective.from_dict({"area_weight": 12, "classifier_loss": "probability"})
+    assert objective.area_weight == 12.0 and type(objective.area_weight) is float
+    assert SaliencyObjective.from_dict(objective.to_dict()) == objective
+    assert SaliencyObjective.from_dict(SaliencyObjective.paper().to_dict()) == SaliencyObjective.paper()
 
 
 def test_remove_evidence_keeps_and_replaces():

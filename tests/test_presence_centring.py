@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from blackbox_saliency import Explainer, ExplainerConfig
+from blackbox_saliency import Explainer, ExplainerConfig, get_recipe
 from blackbox_saliency.masking_model import FeatureFilter
 
-from conftest import SMALL
+from conftest import SMALL, tiny_cnn
 
 
 def _shared_channel_filter(reference, std_threshold=None):
@@ -129,6 +129,22 @@ def test_standardised_scores_have_the_threshold_below_zero_as_mean_and_unit_devi
 def test_bad_std_thresholds_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="presence_std_threshold"):
         Explainer(num_classes=4, **SMALL, presence_std_threshold=bad)
+
+
+@pytest.mark.parametrize("bad", ["2", True, float("nan"), float("-inf")])
+def test_bad_std_thresholds_in_a_recipe_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"model\.presence_std_threshold"):
+        get_recipe("small").replace(**{"model.presence_std_threshold": bad})
+
+
+def test_a_recipes_std_threshold_goes_into_the_explainer_it_builds():
+    from blackbox_saliency.training import build_explainer
+
+    assert get_recipe("timm").model.presence_std_threshold == 2.0  # the shipped Lite0 explainer's
+    recipe = get_recipe("small").replace(model={"presence_std_threshold": 2.5, "encoder_kwargs": SMALL["encoder_kwargs"]})
+    explainer = build_explainer(tiny_cnn(4), recipe, torch.zeros(3, 32, 32), 4, torch.device("cpu"))
+    assert explainer.config.presence_std_threshold == 2.5
+    assert explainer.masking_model.feature_filter.presence_std_threshold == 2.5
 
 
 def test_centring_and_standardising_are_not_combined():

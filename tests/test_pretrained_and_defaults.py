@@ -87,11 +87,14 @@ def test_the_shipped_explainer_is_inside_the_package():
 
 def test_one_default_encoder_everywhere_and_it_works_offline():
     from blackbox_saliency.cli import _build_parser
+    from blackbox_saliency.recipes import ModelSettings, resolve_recipe
 
     assert inspect.signature(Explainer).parameters["encoder"].default == DEFAULT_ENCODER
-    assert inspect.signature(fit_explainer).parameters["encoder"].default == DEFAULT_ENCODER
-    args = _build_parser().parse_args(["fit", "data", "--out", "x"])
-    assert args.encoder == DEFAULT_ENCODER
+    # fit_explainer and the command line default to the "auto" recipe, which for a classifier that
+    # is not timm's picks the small recipe, on the default encoder
+    assert inspect.signature(fit_explainer).parameters["recipe"].default == "auto"
+    assert _build_parser().parse_args(["fit", "data", "--out", "x"]).recipe == "auto"
+    assert resolve_recipe("auto", tiny_cnn(3)).model.encoder == DEFAULT_ENCODER == ModelSettings().encoder
     Explainer(num_classes=3)  # builds with no download
 
 
@@ -110,8 +113,9 @@ _create = timm.create_model
 
 def test_missing_pretrained_weights_fail_at_once_with_the_fix_offline(empty_hub_cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE.*--no-pretrained-encoder|--no-pretrained-encoder"):
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE.*pretrained_encoder=False") as error:
         build_encoder("resnet18", pretrained=True)
+    assert "--no-pretrained-encoder" not in str(error.value)  # a command-line flag that is gone
 
 
 def test_missing_pretrained_weights_fail_at_once_when_the_hub_is_unreachable(empty_hub_cache, monkeypatch):

@@ -1,5 +1,6 @@
 """Interrupted training, failed saves, odd classifiers, and property-based checks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,29 +14,50 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blackbox_saliency.explainer as explainer_module
-from blackbox_saliency import Explainer, explain, fit_explainer
+from blackbox_saliency import Explainer, explain, fit_explainer, get_recipe
 from blackbox_saliency.metrics import localisation_error, saliency_metric, tightest_box
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
 from conftest import SMALL, ConstantLogits
 
 ROOT = Path(__file__).resolve().parents[1]
-# long enough (4 steps an epoch) that the kill lands mid-run, short enough to repeat in-process
-FIT = dict(SMALL, epochs=60, batch_size=8, seed=5, device="cpu", progress=False, checkpoint_every=4)
-TOTAL_STEPS = 60 * 4
+# 6 epochs of 4 steps, a checkpoint every 3 steps (and at each epoch's end), so that most land mid-epoch
+CHANGES = {"model.encoder_kwargs": SMALL["encoder_kwargs"], "schedule.batch_size": 8, "schedule.epochs": 6,
+           "runtime.checkpoint_every": 3, "runtime.precision": "fp32"}
+FIT = dict(seed=5, device="cpu", progress=False)
+TOTAL_STEPS = 6 * 4
+# the subprocess's classifier is the same function, slowed down (0.1 s a call, about one call a
+# step), so that the kill lands mid-run however fast the machine is; the runs here are not slowed
 TRAIN_SCRIPT = """
-import sys, torch
-from blackbox_saliency import fit_explainer
+import json, sys, time, torch
+from blackbox_saliency import fit_explainer, get_recipe
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 torch.set_num_threads({threads})  # as in the parent: CPU reductions depend on the thread count
-fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=sys.argv[1], **{fit})
+
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.classifier = PatternClassifier(patch=12)
+
+    def forward(self, x):
+        time.sleep(0.1)
+        return self.classifier(x)
+
+
+recipe = get_recipe("small").replace(**json.loads(sys.argv[2]))
+fit_explainer(Slow(), PlantedPatterns(32, patch=12), recipe, checkpoint_dir=sys.argv[1], **{fit})
 """
+
+
+def recipe():
+    return get_recipe("small").replace(**CHANGES)
 
 
 def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(tmp_path):
     script = TRAIN_SCRIPT.format(fit=repr(FIT), threads=torch.get_num_threads())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), json.dumps(CHANGES)], env=env)
     checkpoint = tmp_path / "last.pt"
     deadline = time.time() + 120
     try:
@@ -49,18 +71,19 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_one_interval(tmp_path):
     assert proc.returncode == -signal.SIGKILL, f"the training subprocess ended by itself ({proc.returncode})"
     assert checkpoint.exists(), "the training subprocess never wrote a checkpoint"
     saved_step = int(torch.load(checkpoint, weights_only=True)["step"])
-    assert 0 < saved_step < TOTAL_STEPS and saved_step % 4 == 0  # only at checkpoint intervals and epoch ends
-    resumed = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path,
+    # only at checkpoint intervals and epoch ends
+    assert 0 < saved_step < TOTAL_STEPS and (saved_step % 3 == 0 or saved_step % 4 == 0), saved_step
+    resumed = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), recipe(), checkpoint_dir=tmp_path,
                             resume=True, **FIT)
     assert resumed.config.training["steps"] == TOTAL_STEPS
-    uninterrupted = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), **FIT)
+    uninterrupted = fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), recipe(), **FIT)
     for name, tensor in uninterrupted.state_dict().items():
         assert torch.allclose(tensor.float(), resumed.state_dict()[name].float(), atol=1e-5), name
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path,
-                  **dict(FIT, epochs=1))
+    fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), recipe(), checkpoint_dir=tmp_path,
+                  epochs=1, **FIT)
     before = (tmp_path / "last.pt").read_bytes()
 
     def dying_save(obj, path, *args, **kwargs):
@@ -69,19 +92,20 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="disk full"):
-        fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path,
-                      resume=True, **dict(FIT, epochs=2))
+        fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), recipe(), checkpoint_dir=tmp_path,
+                      resume=True, epochs=2, **FIT)
     assert (tmp_path / "last.pt").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name != "last.pt"]
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):
-    fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path, **dict(FIT, epochs=1))
+    fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), recipe(), checkpoint_dir=tmp_path, epochs=1,
+                  **FIT)
     data = (tmp_path / "last.pt").read_bytes()
     (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="corrupted"):
-        fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), checkpoint_dir=tmp_path,
-                      resume=True, **dict(FIT, epochs=2))
+        fit_explainer(PatternClassifier(patch=12), PlantedPatterns(32, patch=12), recipe(), checkpoint_dir=tmp_path,
+                      resume=True, epochs=2, **FIT)
 
 
 def test_non_differentiable_classifier_is_refused():
@@ -91,7 +115,7 @@ def test_non_differentiable_classifier_is_refused():
     with pytest.raises(TypeError, match="differentiabl"):
         explain(argmax_classifier, torch.randn(2, 3, 16, 16), 0, method="optimize", steps=1)
     with pytest.raises(TypeError, match="differentiabl"):
-        fit_explainer(argmax_classifier, PlantedPatterns(16, patch=12), **SMALL, epochs=1, batch_size=8, progress=False)
+        fit_explainer(argmax_classifier, PlantedPatterns(16, patch=12), recipe(), steps=1, progress=False)
 
 
 def test_classifier_that_cannot_take_the_images():

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from blackbox_saliency import Explainer, explain, fit_explainer
+from blackbox_saliency import Explainer, explain, fit_explainer, get_recipe
 from blackbox_saliency import encoders
 from blackbox_saliency.encoders import SimpleFeaturePyramid, build_encoder, frozen_part
 from blackbox_saliency.metrics import pointing_game
@@ -20,6 +20,16 @@ from blackbox_saliency.testing import PlantedPatterns, inside_boxes, train_patte
 VIT = "vit_tiny_patch16_224"
 # a small vit_tiny for the encoder: 32 px, 8 px patches, 2 blocks, 16-channel pyramid at 1/4, 1/8, 1/16
 SMALL_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "pyramid_channels": 16}
+
+
+def vit_recipe(encoder_kwargs=SMALL_VIT, **changes):
+    """An untrained ViT pyramid as the encoder (one encoder, masks at a quarter of the input, the
+    filter learning from every loss after an embedding stage), in float32."""
+    return get_recipe("small").replace(**{
+        "model": {"encoder": VIT, "pretrained_encoder": False, "encoder_kwargs": encoder_kwargs, "mask_reduction": 4,
+                  "gate_encoder": False},
+        "schedule.stages": [{"kind": "embedding", "share": 0.3}, {"kind": "masks", "share": 0.7, "filter": "learns"}],
+        "schedule.batch_size": 16, "runtime.precision": "fp32", **changes})
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +58,9 @@ def test_a_vit_classifier_is_explained_by_optimisation(kwargs, size):
 
 def test_a_vit_classifier_is_explained_by_an_explainer_trained_for_one_step():
     classifier = vit_classifier(img_size=32, patch_size=8, depth=2)
-    explainer = fit_explainer(classifier, PlantedPatterns(32, size=32, seed=0), encoder="small", max_steps=1,
-                              batch_size=16, progress=False, encoder_kwargs={"widths": [8, 16, 32], "layers_per_block": 1})
+    recipe = get_recipe("small").replace(**{"model.encoder_kwargs": {"widths": [8, 16, 32], "layers_per_block": 1},
+                                            "schedule.batch_size": 16, "runtime.precision": "fp32"})
+    explainer = fit_explainer(classifier, PlantedPatterns(32, size=32, seed=0), recipe, steps=1, progress=False)
     x, ids = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     masks = explain(classifier, x, ids, explainer=explainer)
     with torch.no_grad():
@@ -155,8 +166,8 @@ def test_fit_on_a_vit_encoder_trains_saves_and_loads_bit_identically(tmp_path):
     classifier = vit_classifier(img_size=32, patch_size=8, depth=2)
     torch.manual_seed(0)
     untrained = Explainer(num_classes=4, encoder=VIT, encoder_kwargs=SMALL_VIT).state_dict()
-    explainer = fit_explainer(classifier, data, encoder=VIT, pretrained_encoder=False, encoder_kwargs=SMALL_VIT,
-                              max_steps=2, embedding_steps=1, batch_size=16, progress=False)
+    explainer = fit_explainer(classifier, data, vit_recipe(), steps=2, progress=False)  # an embedding step, a mask step
+    assert explainer.config.training["stage_ends"] == [1, 2]
     state = explainer.state_dict()
     trunk = [k for k in state if ".trunk." in k]
     assert trunk and any(not torch.equal(state[k], untrained[k]) for k in trunk)  # not pretrained: trained
@@ -172,15 +183,25 @@ def test_fit_on_a_vit_encoder_trains_saves_and_loads_bit_identically(tmp_path):
         assert torch.equal(explainer(x, ids), loaded(x, ids))
 
 
-def test_freeze_embedding_fixes_a_vit_pyramid_too():
+def test_a_fixed_filter_fixes_a_vit_pyramid_too():
+    # the embedding stage trains the whole untrained ViT pyramid; a mask stage with a fixed filter
+    # then keeps it (and the filter) as that stage left them, while the decoder learns
     data = PlantedPatterns(32, size=32, seed=0)
-    kwargs = dict(encoder=VIT, pretrained_encoder=False, encoder_kwargs=SMALL_VIT, freeze_encoder=True,
-                  batch_size=8, embedding_steps=1, progress=False, device="cpu", seed=0, freeze_embedding=True)
+    recipe = vit_recipe(**{"schedule.stages.1.filter": "fixed", "schedule.batch_size": 8})
     classifier = vit_classifier(img_size=32, patch_size=8, depth=2)
-    stage = fit_explainer(classifier, data, max_steps=1, **kwargs).state_dict()
-    after = fit_explainer(classifier, data, max_steps=3, **kwargs).state_dict()
+    torch.manual_seed(0)
+    untrained = Explainer(num_classes=4, encoder=VIT, encoder_kwargs=SMALL_VIT).state_dict()
+    # 0.3 of 2 steps and of 4 steps is one embedding step either way
+    runs = [fit_explainer(classifier, data, recipe, steps=steps, progress=False, device="cpu", seed=0)
+            for steps in (2, 4)]
+    assert [r.config.training["stage_ends"] for r in runs] == [[1, 2], [1, 4]]
+    stage, after = (r.state_dict() for r in runs)
     levels = [k for k in after if ".levels." in k]
-    assert levels and all(torch.equal(stage[k], after[k]) for k in levels)
+    trunk = [k for k in after if ".trunk." in k]
+    assert levels and trunk and any(not torch.equal(untrained[k], after[k]) for k in levels + trunk)
+    assert all(torch.equal(stage[k], after[k]) for k in levels + trunk)
+    decoder = [k for k in after if k.startswith("masking_model.upsamplers.") and k.endswith(".weight")]
+    assert decoder and any(not torch.equal(stage[k], after[k]) for k in decoder)
 
 
 # ---- planted evidence, a ViT explaining a ViT ---------------------------------------------------
@@ -197,10 +218,13 @@ def vit_on_vit():
     # test_vit: a timm ViT of 64 dims, cut to the classifier's 2 blocks and 8 px patches, from
     # scratch; lr 1e-3 gave pointing 0.383 here (and lost the embedding stage's learning against
     # the classifier trained without fill), 3e-4 gives the values below
-    explainer = fit_explainer(classifier, train, encoder="test_vit", pretrained_encoder=False,
-                              encoder_kwargs={"img_size": 40, "patch_size": 8, "depth": 2, "pyramid_channels": 32},
-                              num_bottlenecks=1, epochs=100, max_steps=1400, embedding_steps=400, lr=3e-4,
-                              precision="fp32", seed=0, progress=False)
+    recipe = get_recipe("small").replace(**{
+        "model": {"encoder": "test_vit", "pretrained_encoder": False, "encoder_kwargs": {
+            "img_size": 40, "patch_size": 8, "depth": 2, "pyramid_channels": 32}, "num_bottlenecks": 1,
+            "mask_reduction": 4, "gate_encoder": False},
+        "schedule.stages": [{"kind": "embedding", "share": 400 / 1400}, {"kind": "masks", "share": 1000 / 1400}],
+        "schedule.lr": 3e-4, "runtime.precision": "fp32"})
+    explainer = fit_explainer(classifier, train, recipe, steps=1400, seed=0, progress=False)
     return classifier, explainer, test
 
 
