@@ -13,6 +13,12 @@ the max box and each ``--baseline`` (e.g. ``--baseline Grad-CAM``, a prefix of a
 ``blackbox_saliency.baselines.BASELINES``) with a 95% paired bootstrap interval (the same
 resampled images for both).
 Also the mean mask for the true class and for a random absent one (as in ``evaluate.py``).
+Where the data has boxes (``tiny-val``, ``imagenet-val``), a further table does the same for
+localisation: each method's error (the paper's protocol, ``metrics.localisation_error``) with a
+95% interval, and its paired difference in hits from each reference (positive: more hits).
+
+    python benchmarks/saliency_interval.py --data imagenet-val --pack ../shared/data/imagenet-val-boxes.tar.gz \
+        --limit 666 --explainer blackbox_saliency/weights/explainer-efficientnet_lite0 --baseline Grad-CAM
 
 A mask with no pixel above 0.5 scores as the whole image (its box is the image), so an explainer
 can beat the centre box overall by leaving empty exactly the images whose object is off centre.
@@ -35,7 +41,7 @@ from evaluate import check_explainer_args, load_data  # noqa: E402  (same images
 
 from blackbox_saliency import Explainer, explain, load_classifier  # noqa: E402
 from blackbox_saliency.baselines import BASELINES  # noqa: E402
-from blackbox_saliency.metrics import saliency_metric  # noqa: E402
+from blackbox_saliency.metrics import localisation_error, saliency_metric  # noqa: E402
 from blackbox_saliency._precision import describe_cpu  # noqa: E402
 
 
@@ -81,7 +87,8 @@ def masks_for(model, explainer, images, labels, batch_size):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default="efficientnet_lite0")
-    parser.add_argument("--data", choices=["tiny-val", "imagenet-samples", "cifar10-test"], required=True)
+    parser.add_argument("--data", choices=["tiny-val", "imagenet-val", "imagenet-samples", "cifar10-test"],
+                        required=True)
     parser.add_argument("--pack", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=500)
@@ -100,19 +107,23 @@ def main() -> None:
         parser.error(str(err))
 
     model, preprocess = load_classifier(args.classifier)
-    images, labels, _ = load_data(args, model, preprocess)
+    images, labels, boxes = load_data(args, model, preprocess)
     k = model(images[:1]).shape[1]
     absent = (labels + torch.randint(1, k, labels.shape, generator=torch.Generator().manual_seed(args.seed + 1))) % k
 
-    scores, areas, empty = {}, {}, {}
+    scores, areas, empty, hits = {}, {}, {}, {}
     for name in references:
         masks = torch.cat([BASELINES[name](model, images[i : i + args.batch_size], labels[i : i + args.batch_size])
                            for i in range(0, len(images), args.batch_size)])
         scores[name] = saliency_metric(model, images, masks, labels)
+        if boxes is not None:
+            hits[name] = localisation_error(masks, boxes, return_hits=True)[1].float()
     for folder in args.explainer:
         explainer = Explainer.from_pretrained(folder)
         masks = masks_for(model, explainer, images, labels, args.batch_size)
         scores[folder] = saliency_metric(model, images, masks, labels)
+        if boxes is not None:
+            hits[folder] = localisation_error(masks, boxes, return_hits=True)[1].float()
         empty[folder] = masks.flatten(1).amax(1) <= 0.5  # as tightest_box: nothing above the threshold
         areas[folder] = (masks.mean().item(), masks_for(model, explainer, images, absent, args.batch_size).mean().item())
 
@@ -144,6 +155,19 @@ def main() -> None:
     for name, is_empty in empty.items():
         cells = empty_split(scores[name], scores["centre box"], is_empty, args.resamples, generator)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if hits:
+        lines += ["", "| method | localisation error, % (95% interval) | "
+                  + "".join(f"hits minus {name}'s, % of images (95% paired interval) | " for name in references).rstrip(),
+                  ("| --- | --- | " + "--- | " * len(references)).rstrip()]
+        for name, values in hits.items():
+            low, high = bootstrap_interval(values, args.resamples, generator)
+            cells = [f"{100 * (1 - values.mean()):.1f} ({100 * (1 - high):.1f} to {100 * (1 - low):.1f})"]
+            for reference in references:
+                difference = values - hits[reference]
+                d_low, d_high = bootstrap_interval(difference, args.resamples, generator)
+                cells.append(f"{100 * difference.mean():+.1f} ({100 * d_low:+.1f} to {100 * d_high:+.1f})"
+                             if name != reference else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 
 

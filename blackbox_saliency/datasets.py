@@ -1,4 +1,5 @@
-"""Readers for the evaluation data packs (CIFAR-10, Tiny ImageNet with boxes, ImageNet samples).
+"""Readers for the evaluation data packs (CIFAR-10, Tiny ImageNet with boxes, ImageNet samples,
+ImageNet validation photographs with boxes).
 
 These serve the benchmarks and tests; with your own data keep using torchvision or timm
 loaders. A pack is a ``.tar.gz``; :func:`extract_pack` unpacks it once into a cache folder.
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 __all__ = ["extract_pack", "cifar10", "TinyImageNet", "ImageNetSamples", "DecodedImages", "imagenet_wnid_to_index",
-           "scale_boxes"]
+           "scale_boxes", "ImageNetValBoxes"]
 
 DEFAULT_CACHE = Path(os.environ.get("BLACKBOX_SALIENCY_CACHE", Path.home() / ".cache" / "blackbox-saliency"))
 
@@ -296,3 +297,85 @@ class DecodedImages(Dataset):
         # one bilinear sample at each output pixel's centre: a plain crop-and-resize
         crops = roi_align(images, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
         return self._finish(crops), self.labels[indices]
+
+
+class ImageNetValBoxes(Dataset):
+    """ImageNet (ILSVRC2012) validation photographs squashed without crop to 227 x 227, with
+    every ground-truth box of the image's class: the pack ``imagenet-val-boxes.tar.gz``, on which
+    the paper's localisation protocol runs.
+
+    Items are ``(image, class_index)`` with the ImageNet-1k index (timm's order) from the pack's
+    ``annotations.tsv``; ``boxes(i)`` gives that image's boxes, a float tensor ``(k, 4)`` of
+    inclusive pixels ``x0, y0, x1, y1`` in the stored 227 px image (map them through a resize
+    with :func:`scale_boxes`).
+
+    The pack's boxes are the original inclusive boxes times ``227 / W`` and ``227 / H``, rounded,
+    so a box touching the right or bottom edge can end at 227, one pixel past the image; such
+    coordinates are clamped to 226, the last pixel.
+
+    Args:
+        pack_or_folder: the pack (``.tar.gz``) or a folder holding ``imagenet-val-boxes/`` (or
+            the extracted ``imagenet-val-boxes`` folder itself).
+    """
+
+    SIZE = 227
+    COLUMNS = ("file", "class_index", "wnid", "boxes_x0_y0_x1_y1", "original_size")
+
+    def __init__(self, pack_or_folder: str | os.PathLike, transform: Callable | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        root = Path(pack_or_folder)
+        if not root.exists():
+            raise FileNotFoundError(f"pack_or_folder: {root} does not exist")
+        if root.is_file():
+            try:
+                root = extract_pack(root, cache_dir)
+            except tarfile.TarError as err:
+                raise ValueError(f"pack_or_folder: {root} is not a readable .tar.gz pack ({err})") from err
+        folder = next((f for f in (root / "imagenet-val-boxes", root) if (f / "annotations.tsv").is_file()), None)
+        if folder is None:
+            raise FileNotFoundError(f"pack_or_folder: no imagenet-val-boxes/annotations.tsv in {root}")
+        annotations = folder / "annotations.tsv"
+        lines = annotations.read_text().splitlines()
+        header = tuple(lines[0].split("\t")) if lines else ()
+        if header[: len(self.COLUMNS)] != self.COLUMNS:
+            raise ValueError(f"pack_or_folder: {annotations} should start with the header {self.COLUMNS}, got {header}")
+        self.transform = transform
+        self.files: list[Path] = []
+        self.labels: list[int] = []
+        self.wnids: list[str] = []
+        self._boxes: list[torch.Tensor] = []
+        last = float(self.SIZE - 1)
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            try:
+                name, class_index, wnid, boxes, _ = line.split("\t")[:5]
+                label = int(class_index)
+                values = torch.tensor([[float(v) for v in box.split(",")] for box in boxes.split(";")])
+                if not 0 <= label < 1000 or values.shape[1] != 4:
+                    raise ValueError
+            except (ValueError, RuntimeError):
+                raise ValueError(f"pack_or_folder: {annotations} line {number} is not "
+                                 f"file, class_index (0-999), wnid, boxes x0,y0,x1,y1;..., size: {line!r}") from None
+            path = folder / "images" / name
+            if not path.is_file():
+                raise FileNotFoundError(f"pack_or_folder: {annotations} line {number} names {name}, not in {path.parent}")
+            if ((values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1])).any():
+                raise ValueError(f"pack_or_folder: {annotations} line {number} has a box with x1 < x0 or y1 < y0")
+            self.files.append(path)
+            self.labels.append(label)
+            self.wnids.append(wnid)
+            self._boxes.append(values.clamp(0, last))
+        if not self.files:
+            raise FileNotFoundError(f"pack_or_folder: {annotations} lists no images")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        with Image.open(self.files[index]) as image:
+            image = image.convert("RGB")
+        return (self.transform(image) if self.transform else image), self.labels[index]
+
+    def boxes(self, index: int) -> torch.Tensor:
+        return self._boxes[index].clone()

@@ -3,7 +3,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-from blackbox_saliency.datasets import ImageNetSamples, TinyImageNet, cifar10, extract_pack, scale_boxes
+from blackbox_saliency.datasets import ImageNetSamples, ImageNetValBoxes, TinyImageNet, cifar10, extract_pack, scale_boxes
 
 from conftest import SHARED_DATA, jpeg_bytes, write_pack
 
@@ -47,6 +47,57 @@ def test_extract_pack_is_safe_to_call_from_several_processes_at_once(tmp_path):
 def test_scale_boxes():
     boxes = torch.tensor([[0, 0, 63, 63], [16, 8, 31, 23]])
     assert scale_boxes(boxes, (64, 64), (224, 224)).tolist() == [[0, 0, 223, 223], [56, 28, 111, 83]]
+
+
+VAL_HEADER = b"file\tclass_index\twnid\tboxes_x0_y0_x1_y1\toriginal_size\n"
+
+
+def imagenet_val_pack(path, rows: bytes, images=("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG",
+                                                 "ILSVRC2012_val_00000003.JPEG")):
+    files = {f"imagenet-val-boxes/images/{name}": jpeg_bytes((30 * i, 100, 200), size=(227, 227))
+             for i, name in enumerate(images)}
+    files["imagenet-val-boxes/annotations.tsv"] = VAL_HEADER + rows
+    return write_pack(path, files)
+
+
+def test_imagenet_val_boxes_reader(tmp_path):
+    pack = imagenet_val_pack(tmp_path / "imagenet-val-boxes.tar.gz", (
+        b"ILSVRC2012_val_00000001.JPEG\t65\tn01751748\t10,20,100,200\t500x375\n"
+        b"ILSVRC2012_val_00000002.JPEG\t970\tn09193705\t0,0,226,226;5,6,227,150\t500x375\n"  # x1 227: one past the edge
+        b"ILSVRC2012_val_00000003.JPEG\t1\tn01443537\t3,4,5,6\t375x500\n"
+    ))
+    data = ImageNetValBoxes(pack, cache_dir=tmp_path / "cache")
+    assert len(data) == 3 and data.labels == [65, 970, 1]
+    image, label = data[1]
+    assert image.size == (227, 227) and image.mode == "RGB" and label == 970
+    boxes = data.boxes(1)
+    assert boxes.dtype == torch.float32 and boxes.tolist() == [[0, 0, 226, 226], [5, 6, 226, 150]]  # inclusive, clamped
+    assert data.boxes(0).tolist() == [[10, 20, 100, 200]]
+    boxes[0, 0] = 99  # a copy
+    assert data.boxes(1)[0, 0] == 0
+    # the whole-image box maps to the whole resized image, as scale_boxes does for Tiny ImageNet
+    assert scale_boxes(data.boxes(1), (227, 227), (224, 224)).tolist() == [[0, 0, 223, 223], [5, 6, 223, 148]]
+    # the extracted folder (or the folder holding it) reads the same, with a transform
+    folder = tmp_path / "cache" / "imagenet-val-boxes"
+    for root in (folder, folder / "imagenet-val-boxes"):
+        again = ImageNetValBoxes(root, transform=lambda im: im.resize((8, 8)))
+        assert again.labels == data.labels and again[2][0].size == (8, 8)
+
+
+def test_imagenet_val_boxes_errors_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pack_or_folder: .*does not exist"):
+        ImageNetValBoxes(tmp_path / "missing.tar.gz")
+    (tmp_path / "not-a-pack.tar.gz").write_bytes(b"not a tar file")
+    with pytest.raises(ValueError, match="pack_or_folder: .*not a readable"):
+        ImageNetValBoxes(tmp_path / "not-a-pack.tar.gz", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="pack_or_folder: no imagenet-val-boxes/annotations.tsv"):
+        ImageNetValBoxes(tmp_path)
+    bad_box = imagenet_val_pack(tmp_path / "bad-box.tar.gz", b"ILSVRC2012_val_00000001.JPEG\t65\tn01751748\t10,20,100\t500x375\n")
+    with pytest.raises(ValueError, match="pack_or_folder: .*line 2"):
+        ImageNetValBoxes(bad_box, cache_dir=tmp_path / "cache")
+    no_image = imagenet_val_pack(tmp_path / "no-image.tar.gz", b"ILSVRC2012_val_00000009.JPEG\t65\tn01751748\t1,2,3,4\t500x375\n")
+    with pytest.raises(FileNotFoundError, match="pack_or_folder: .*ILSVRC2012_val_00000009.JPEG"):
+        ImageNetValBoxes(no_image, cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "imagenet-samples.tar.gz").exists(), reason="shared data not found")
