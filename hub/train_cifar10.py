@@ -4,22 +4,20 @@
     # ~/.cache/blackbox-saliency/runs and the same command resumes an interrupted run:
     nohup python hub/train_cifar10.py classifier --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --epochs 16 \
         > cifar10-classifier.log 2>&1 &
-    python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --epochs 11 --seed 1
+    python hub/train_cifar10.py explainer --pack ../shared/data/cifar10-jpeg.tar.gz --out blackbox_saliency/weights --seed 1
 
 ``classifier`` trains a ResNet-9-style network on all 50,000 training images (data kept on the
 GPU, bf16, SGD with a one-cycle schedule) and writes ``OUT/classifier-cifar10``: fp16
 safetensors weights, config and log, with its accuracy on the 10,000 test images.
 
-``explainer`` trains an explainer with ``encoder="small"`` (random init, 3 blocks of 5 convs) on
-45,000 training images and scores it on the other 5,000 (500 per class), which it never saw, with the
+``explainer`` trains an explainer with ``fit_explainer(classifier, data, recipe="cifar")`` (small
+random-init encoder, a long class embedding stage kept fixed while the masks train) on 45,000
+training images and scores it on the other 5,000 (500 per class), which it never saw, with the
 saliency metric and mask areas: model selection uses those, never the test set. It writes
-``OUT/explainer-cifar10`` for the shipped recipe (``--variant fixed-stage-preserve1-fake50-embed8``,
-the default; ``--epochs 11 --seed 1`` made the shipped one: seed 1 of two, chosen by the held-out
-saliency metric), ``OUT/explainer-cifar10-<variant>`` for the others. Checkpoints are kept per
-variant, not per seed: give another seed its own ``--checkpoints`` folder.
+``OUT/explainer-cifar10``. Checkpoints are kept per seed; the same command resumes.
 
 ``score`` re-scores saved explainers on those 5,000 held-out images (against ``OUT``'s classifier)
-and compares each pair's masks; ``--precision fp32`` trains an explainer without bf16 (to check it):
+and compares each pair's masks:
 
     python hub/train_cifar10.py score --pack ../shared/data/cifar10-jpeg.tar.gz --out OUT --explainer FOLDER
 """
@@ -44,110 +42,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from blackbox_saliency import SaliencyObjective, fit_explainer
+from blackbox_saliency import fit_explainer, get_recipe
 from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.datasets import DecodedImages
 from blackbox_saliency.classifiers import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from blackbox_saliency.metrics import saliency_metric
 from blackbox_saliency._precision import describe_cpu
 
-# name -> (SaliencyObjective fields, other fit_explainer arguments, over BASE_SETTINGS); compared in
-# docs/objective.md ("CIFAR-10 on the corrected split"). With the library's defaults before 2026-12-06
-# ("library-defaults") the masks collapsed to nothing (2026-11-25), or against today's classifier
-# (2026-12-06) were empty for 47% of images and not class-selective (docs/fit.md).
-VARIANTS = {
-    "library-defaults": ({}, {}),
-    "area4": ({"area_weight": 4.0}, {}),
-    "area2": ({"area_weight": 2.0}, {}),
-    "fixed-stage": ({}, {"freeze_embedding": True}),
-    "fixed-stage-area4": ({"area_weight": 4.0}, {"freeze_embedding": True}),
-    "fixed-stage-preserve1": ({"preserve_weight": 1.0}, {"freeze_embedding": True}),
-    "fixed-stage-area4-preserve1": ({"area_weight": 4.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
-    "fixed-stage-area2-preserve1": ({"area_weight": 2.0, "preserve_weight": 1.0}, {"freeze_embedding": True}),
-    # half the samples given a fake class (default 30%): more of the area-only pull on absent classes
-    "fixed-stage-preserve1-fake50": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.5}),
-    "fixed-stage-preserve1-fake55": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.55}),
-    "fixed-stage-preserve1-fake60": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.6}),
-    "fixed-stage-preserve1-fake70": ({"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.7}),
-    # the class embedding (and encoder) trained 8 epochs before the masks, not a quarter of the run:
-    # with one epoch it ranks the true class first for under half the images, and a class it
-    # does not see gets an empty mask; with --epochs 11 the masks still get 3 epochs
-    "fixed-stage-preserve1-fake50-embed8": ({"preserve_weight": 1.0},
-                                            {"freeze_embedding": True, "fake_label_prob": 0.5, "embedding_epochs": 8}),
-    # and the preserved image must keep the class by a logit margin of 3, not 1 (p about 0.95, not 0.7):
-    # the saliency metric's crop loses what a barely-kept class had
-    "fixed-stage-preserve1-fake50-embed8-margin3": ({"preserve_weight": 1.0, "preserve_margin": 3.0},
-                                                    {"freeze_embedding": True, "fake_label_prob": 0.5, "embedding_epochs": 8}),
-    # the shipped recipe with the embedding stage also trained on images whose gate peak (3 x 3
-    # cells) is removed, fit_explainer's removed_peak_weight (issue #11; docs/fit.md)
-    "fixed-stage-preserve1-fake50-embed8-removed-peak0.6": ({"preserve_weight": 1.0},
-                                                            {"freeze_embedding": True, "fake_label_prob": 0.5,
-                                                             "embedding_epochs": 8, "removed_peak_weight": 0.6}),
-    "fixed-stage-preserve1-fake50-embed8-removed-peak1": ({"preserve_weight": 1.0},
-                                                          {"freeze_embedding": True, "fake_label_prob": 0.5,
-                                                           "embedding_epochs": 8, "removed_peak_weight": 1.0}),
-    # weight 1, leaving out images whose class survives a whole-image blur: the setting tight and
-    # selective on all ten planted seeds, and worse masks on CIFAR-10's two seeds tried (docs/fit.md)
-    "fixed-stage-preserve1-fake50-embed8-removed-peak1-skip0.5": (
-        {"preserve_weight": 1.0}, {"freeze_embedding": True, "fake_label_prob": 0.5, "embedding_epochs": 8,
-                                   "removed_peak_weight": 1.0, "removed_peak_skip_background": 0.5}),
-    # the shipped recipe with a less concave area term: at power 0.3 its pull on a mask pixel grows
-    # as the pixel fades (0.3 (m + eps)**-0.7: 0.3 at m = 1, ~60 at m = 0) while the classifier
-    # terms' does not, so a fading mask could be pulled to empty; at power 1 the pull is the same
-    # everywhere. Measured on seed 0 (docs/objective.md): power 1 empties a few fewer masks and
-    # gives the worst boxes of the recipe's runs; power 0.5 is the recipe again
-    "fixed-stage-preserve1-fake50-embed8-power0.5": ({"preserve_weight": 1.0, "area_power": 0.5},
-                                                     {"freeze_embedding": True, "fake_label_prob": 0.5,
-                                                      "embedding_epochs": 8}),
-    "fixed-stage-preserve1-fake50-embed8-power1": ({"preserve_weight": 1.0, "area_power": 1.0},
-                                                   {"freeze_embedding": True, "fake_label_prob": 0.5,
-                                                    "embedding_epochs": 8}),
-    # the shipped recipe with a separate gate encoder (issue #11): the class filter reads the copy
-    # the embedding stage trained, fixed after it, while the decoder's copy starts from it and
-    # goes on learning from the mask losses instead of staying as the embedding stage left it
-    "fixed-stage-preserve1-fake50-embed8-gate": ({"preserve_weight": 1.0},
-                                                 {"freeze_embedding": True, "fake_label_prob": 0.5,
-                                                  "embedding_epochs": 8, "gate_encoder": True}),
-    # the setting that passed both planted tasks' tests on most seeds (docs/fit.md, 2026-12-05): the
-    # gate's copy trains on the presence loss only, all run long; the removed peak in its first stage
-    "preserve1-fake50-embed8-removed-peak1-gate-from-mask-losses": (
-        {"preserve_weight": 1.0}, {"freeze_embedding": "from_mask_losses", "fake_label_prob": 0.5,
-                                   "embedding_epochs": 8, "removed_peak_weight": 1.0, "gate_encoder": True}),
-    # the same, but the decoder's copy stays as the embedding stage left it, as in the shipped recipe:
-    # on CIFAR-10 the decoder's copy learning from the mask losses cost the boxes on 3 seeds of 3
-    "preserve1-fake50-embed8-removed-peak1-gate-decoder-fixed": (
-        {"preserve_weight": 1.0}, {"freeze_embedding": "decoder_encoder", "fake_label_prob": 0.5,
-                                   "embedding_epochs": 8, "removed_peak_weight": 1.0, "gate_encoder": True}),
-    # the same, but the decoder's copy learns from the mask losses for the first 1,055 of the mask
-    # stage's 2,109 steps (about half) before it is fixed: the planted matched filter needs it to learn.
-    # Measured (docs/objective.md, 2026-12-05): worse boxes than the fixed copy on seeds 1 and 2
-    "preserve1-fake50-embed8-removed-peak1-gate-decoder-learns-half": (
-        {"preserve_weight": 1.0}, {"freeze_embedding": "decoder_encoder", "decoder_encoder_steps": 1055,
-                                   "fake_label_prob": 0.5, "embedding_epochs": 8, "removed_peak_weight": 1.0,
-                                   "gate_encoder": True}),
-    # the gate setting with the mask losses reaching the decoder's copy through the skip connections
-    # only: its coarsest map enters the filter detached (passed both planted tests on 5 seeds of 5;
-    # on CIFAR-10 behind the recipe on seeds 1 and 0, docs/objective.md)
-    "preserve1-fake50-embed8-removed-peak1-gate-decoder-skips": (
-        {"preserve_weight": 1.0}, {"freeze_embedding": "decoder_skips", "fake_label_prob": 0.5,
-                                   "embedding_epochs": 8, "removed_peak_weight": 1.0, "gate_encoder": True}),
-    # fit_explainer's defaults for encoder="small" since 2026-12-06 (issue #11) and nothing else of the
-    # recipe: the gate's own copy, the decoder's copy fixed after the embedding stage (a quarter of
-    # the run), the removed peak; "library-defaults" is the settings before them
-    "gate-decoder-fixed-removed-peak1": ({}, {"gate_encoder": True, "freeze_embedding": "decoder_encoder",
-                                              "removed_peak_weight": 1.0}),
-}
-# what every variant was run with where it does not say: fit_explainer's defaults before 2026-12-06,
-# pinned because the small encoder's defaults changed (blackbox_saliency.training.SMALL_ENCODER_DEFAULTS)
-BASE_SETTINGS = {"freeze_embedding": False, "removed_peak_weight": 0.0, "gate_encoder": False}
-# the shipped explainer-cifar10 (since 2026-12-01, eleventh session; docs/objective.md, "Empty masks,
-# and a longer embedding stage"): 11 epochs, 8 of them the embedding stage, --seed 1
-SHIPPED_VARIANT = "fixed-stage-preserve1-fake50-embed8"
-EXPLAINER_WIDTHS = [32, 64, 128]
 HELDOUT_PER_CLASS = 500  # 5,000 of the 50,000 training images, never trained on
 HELDOUT_DATA = ("CIFAR-10 training images held out by hub/train_cifar10.py heldout_split (500 per class, never "
                 "trained on), true label; blurred alternative")
-MASK_REDUCTION = 2  # a 16 x 16 mask for 32 px images: at 1/4 an 8 px object is two mask pixels
 
 
 def _decode(item: tuple[str, bytes]) -> tuple[str, np.ndarray]:
@@ -215,9 +119,9 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 def _bf16(device: str) -> bool:
     """bf16 autocast where it is fast: CUDA, or a CPU with native bf16 (measured 3.8x faster
     than float32 for this network's forward and backward on the 2-core AMX CPU here)."""
-    from blackbox_saliency.training import _use_bf16
+    from blackbox_saliency.training.runtime import use_bf16
 
-    return _use_bf16("auto", torch.device(device))
+    return use_bf16("auto", torch.device(device))
 
 
 def accuracy(model, images, labels, device) -> float:
@@ -344,26 +248,17 @@ def _classifier_and_split(data, out: Path, device: str):
     return classifier, images, labels, train_rows, heldout_rows
 
 
-def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int, device: str, seed: int,
-                    max_steps: int | None, checkpoints: Path, precision: str = "auto") -> None:
+def train_explainer(data, out: Path, epochs: int | None, device: str, seed: int, max_steps: int | None,
+                    checkpoints: Path) -> None:
     classifier, images, labels, train_rows, heldout_rows = _classifier_and_split(data, out, device)
     # uint8 in memory, normalised a batch at a time (no loader)
     train_set = DecodedImages(images[train_rows], labels[train_rows], size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-    objective_fields, fit_kwargs = VARIANTS[variant]
-    objective = SaliencyObjective(**objective_fields)
-    fit_kwargs = {**BASE_SETTINGS, **fit_kwargs}
-    if "embedding_epochs" in fit_kwargs:  # fit_explainer counts the stage in steps
-        fit_kwargs["embedding_steps"] = fit_kwargs.pop("embedding_epochs") * (len(train_set) // batch_size)
     start = time.time()
-    explainer = fit_explainer(
-        classifier, train_set, encoder="small", encoder_kwargs={"widths": EXPLAINER_WIDTHS}, epochs=epochs,
-        batch_size=batch_size, device=device, seed=seed, objective=objective, max_steps=max_steps,
-        mask_reduction=MASK_REDUCTION, checkpoint_dir=checkpoints / f"cifar10-{variant}", resume=True,
-        progress=False, log_every=100, precision=precision, **fit_kwargs,
-        classifier_info={"name": "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))",
-                         "input_size": [3, 32, 32], "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
-                         "class_names": CIFAR10_CLASSES},
-    )
+    explainer = fit_explainer(classifier, train_set, "cifar", steps=max_steps, epochs=None if max_steps else epochs,
+                              device=device, seed=seed, checkpoint_dir=checkpoints / f"cifar10-explainer-seed{seed}",
+                              resume=True, progress=False)
+    explainer.config.classifier.name = "cifar10_resnet9 (blackbox_saliency.load_classifier('cifar10'))"
+    explainer.config.classifier.class_names = list(CIFAR10_CLASSES)
     seconds = time.time() - start
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has the explainer; one reports
         return
@@ -379,12 +274,10 @@ def train_explainer(data, out: Path, variant: str, epochs: int, batch_size: int,
     explainer.config.training["command"] = " ".join(["python hub/train_cifar10.py", *map(shlex.quote, sys.argv[1:])])
     explainer.config.evaluation = {
         "data": HELDOUT_DATA, "results": [{"images": len(heldout_rows), **scores}]}
-    folder = out / ("explainer-cifar10" if variant == SHIPPED_VARIANT else f"explainer-cifar10-{variant}")
+    folder = out / "explainer-cifar10"
     explainer.save_pretrained(folder)
-    (folder / "heldout.json").write_text(json.dumps({"variant": variant, "objective": objective.to_dict(), "fit": fit_kwargs,
-                                                     "heldout_images": HELDOUT_DATA,
-                                                     **scores}, indent=2))
-    print(f"explainer {variant}: {seconds:.0f}s, held-out {json.dumps(scores)}", flush=True)
+    (folder / "heldout.json").write_text(json.dumps({"heldout_images": HELDOUT_DATA, **scores}, indent=2))
+    print(f"explainer: {seconds:.0f}s, held-out {json.dumps(scores)}", flush=True)
 
 
 def score_explainers(data, out: Path, folders: list[Path], device: str, seed: int) -> None:
@@ -426,18 +319,13 @@ def main() -> None:
     parser.add_argument("stage", choices=["classifier", "explainer", "score"])
     parser.add_argument("--pack", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("blackbox_saliency/weights"))
-    parser.add_argument("--epochs", type=int, default=None, help="default: 30 (classifier), 20 (explainer)")
-    parser.add_argument("--batch-size", type=int, default=64, help="explainer batch size")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default=SHIPPED_VARIANT)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 30 (classifier), the recipe's (explainer)")
     parser.add_argument("--max-steps", type=int, default=None, help="explainer: stop early (smoke tests)")
     parser.add_argument("--limit", type=int, default=None, help="use only this many images per split (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--explainer", type=Path, action="append", default=[],
                         help="score: an explainer folder; repeat for several")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="explainer: fit_explainer's precision (auto: on a CPU with native bf16, each part "
-                        "timed and run in the faster; fixed values repeat bit for bit)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="explainer checkpoints; default ~/.cache/blackbox-saliency/runs (outside the checkout)")
     args = parser.parse_args()
@@ -459,8 +347,7 @@ def main() -> None:
         score_explainers(data, args.out, args.explainer, device, args.seed)
     else:
         checkpoints = args.checkpoints or Path.home() / ".cache" / "blackbox-saliency" / "runs"
-        train_explainer(data, args.out, args.variant, args.epochs or 20, args.batch_size, device, args.seed, args.max_steps,
-                        checkpoints, args.precision)
+        train_explainer(data, args.out, args.epochs, device, args.seed, args.max_steps, checkpoints)
 
 
 if __name__ == "__main__":

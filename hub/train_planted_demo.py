@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from blackbox_saliency import fit_explainer
+from blackbox_saliency import fit_explainer, get_recipe
 from blackbox_saliency.metrics import localisation_error
 from blackbox_saliency.pretrained import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
-from blackbox_saliency.training import EARLIER_DEFAULTS
 
 OUT = WEIGHTS_FOLDER / "explainer-planted-demo"
 
@@ -24,13 +23,10 @@ OUT = WEIGHTS_FOLDER / "explainer-planted-demo"
 def main() -> None:
     torch.set_num_threads(2)
     train, test = PlantedPatterns(4000, patch=12, seed=0), PlantedPatterns(300, patch=12, seed=1)
-    explainer = fit_explainer(
-        PatternClassifier(patch=12), train, encoder="small", encoder_kwargs={"widths": [16, 32, 64]},
-        epochs=100, max_steps=1000, seed=0, device="cpu", progress=False,
-        **EARLIER_DEFAULTS,  # the settings the shipped demo was trained with (before 2026-12-06)
-        classifier_info={"name": "blackbox_saliency.testing.PatternClassifier(patch=12)", "input_size": [3, 32, 32],
-                         "mean": "none (images as PlantedPatterns makes them)", "std": "none"},
-    )
+    recipe = get_recipe("small").replace(**{"model.encoder_kwargs": {"widths": [16, 32, 64]}, "runtime.precision": "fp32"})
+    explainer = fit_explainer(PatternClassifier(patch=12), train, recipe, steps=1000, seed=0, device="cpu", progress=False)
+    explainer.config.classifier.name = "blackbox_saliency.testing.PatternClassifier(patch=12)"
+    explainer.config.classifier.mean = explainer.config.classifier.std = "none (images as PlantedPatterns makes them)"
     with torch.no_grad():
         masks = explainer(test.images, test.labels)
         absent = explainer(test.images, (test.labels + 1) % 4)
