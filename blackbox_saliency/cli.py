@@ -377,6 +377,7 @@ def _fit(args: argparse.Namespace) -> int:
         raise CommandError(_as_flags(_one_line(err))) from err
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process has it; one saves
         return 0
+    explainer.config.classifier.name = args.classifier  # the name --classifier loads it by
     explainer.save_pretrained(args.out)
     print(f"saved explainer to {args.out} (recipe {explainer.config.training['recipe']})")
     return 0

@@ -68,21 +68,25 @@ class Joined(Dataset):
         return images, labels
 
 
-def training_data(classifier, tiny_packs: list[Path], cache: Path | None) -> tuple[Joined, str]:
+def training_data(classifier, imagenette_root: str, tiny_packs: list[Path], cache: Path | None) -> tuple[Joined, str]:
     mean, std = classifier.pretrained_cfg["mean"], classifier.pretrained_cfg["std"]
-    imagenette = load_imagenette(progress=False).train
-    parts = [DecodedImages(imagenette.images, imagenette.imagenet, 224, mean, std)]
-    described = f"{len(imagenette)} Imagenette photographs (224 px; its ImageNet validation images left out)"
+    parts, described = [], []
+    if imagenette_root != "none":
+        imagenette = load_imagenette(None if imagenette_root == "default" else imagenette_root, progress=False).train
+        parts.append(DecodedImages(imagenette.images, imagenette.imagenet, 224, mean, std))
+        described.append(f"{len(imagenette)} Imagenette photographs (224 px; its ImageNet validation images left out)")
     if tiny_packs:
         tiny = DecodedImages.decode(TinyImageNet(tiny_packs, split="train", cache_dir=cache), 224, mean, std,
                                     progress=False)
         parts.append(tiny)
-        described += f" and {len(tiny)} Tiny ImageNet train images (64 px, upsampled)"
-    return Joined(parts), described
+        described.append(f"{len(tiny)} Tiny ImageNet train images (64 px, upsampled)")
+    return Joined(parts), " and ".join(described)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--imagenette", default="default",
+                        help="the extracted Imagenette folder (benchmarks/imagenette.py), 'default' (its cache) or 'none'")
     parser.add_argument("--tiny", type=Path, nargs="*", default=[], help="Tiny ImageNet train packs to add")
     parser.add_argument("--cache", type=Path, default=None, help="where packs are unpacked")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
@@ -93,13 +97,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.imagenette == "none" and not args.tiny:
+        parser.error("--imagenette none: give --tiny packs to train on")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.overrides)}
     recipe = get_recipe("timm").replace(**overrides)
 
     classifier, _ = load_classifier("efficientnet_lite0")
-    data, described = training_data(classifier, args.tiny, args.cache)
+    data, described = training_data(classifier, args.imagenette, args.tiny, args.cache)
     start = time.time()
     explainer = fit_explainer(classifier, data, recipe, steps=args.steps, seed=args.seed, checkpoint_dir=args.checkpoints,
                               resume=True, progress=False)

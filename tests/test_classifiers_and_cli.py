@@ -65,11 +65,12 @@ def test_cli_fit_then_explain_with_the_explainer(imagenet_samples, tmp_path):
     for i, f in enumerate(files[:4]):
         (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / f"c{i % 2}" / f.name).write_bytes(f.read_bytes())
-    code = main(["fit", str(tmp_path / "data"), "--encoder", "small", "--max-steps", "2", "--batch-size", "2",
-                 "--preload", "--out", str(tmp_path / "explainer")])
+    code = main(["fit", str(tmp_path / "data"), "--steps", "2", "--set", "schedule.batch_size=2",
+                 "--set", "runtime.preload=true", "--out", str(tmp_path / "explainer")])
     assert code == 0
     explainer = Explainer.from_pretrained(tmp_path / "explainer")
     assert explainer.num_classes == 1000 and explainer.config.classifier.name == "efficientnet_lite0"
+    assert explainer.config.training["recipe"] == "timm"  # "auto" for a timm classifier
     code = main(["explain", str(files[0]), "--explainer", str(tmp_path / "explainer"), "--method", "explainer",
                  "--out", str(tmp_path / "out")])
     assert code == 0 and (tmp_path / "out" / f"{files[0].stem}_saliency.png").exists()

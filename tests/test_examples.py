@@ -1,12 +1,16 @@
 """Examples that run offline in seconds are run here, so they cannot rot unseen."""
 
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,18 +36,45 @@ def test_pull_example_falls_back_to_the_local_copy_offline(tmp_path):
     assert len(list(tmp_path.glob("planted*.png"))) == 4
 
 
-@pytest.mark.skip(reason="script being rewritten for recipes")
-def test_fit_example_trains_saves_and_reports_both_masks(tmp_path):
-    import pytest
+def _mini_imagenette(root: Path, samples: list[Path]) -> Path:
+    """An Imagenette-shaped folder: one class per photograph, training photographs and two "held-out"
+    ImageNet validation photographs with wsolevaluation-style boxes and sizes."""
+    index = {row.split("\t")[1]: int(row.split("\t")[0])
+             for row in (SHARED_DATA / "imagenet1k-classes.tsv").read_text().splitlines() if row}
+    meta = root / "metadata" / "ILSVRC" / "test"
+    meta.mkdir(parents=True)
+    boxes, sizes, labels = [], [], []
+    for i, sample in enumerate(samples):
+        wnid = sample.name.split("_")[0]
+        held = i % 4 == 0
+        name = f"ILSVRC2012_val_{i:08d}.JPEG" if held else sample.name
+        folder = root / ("val" if i % 3 == 0 else "train") / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        with Image.open(sample) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            image.save(folder / name)
+            for copy in range(5):  # enough photographs for the recipe's batch of 32
+                image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "train" / wnid / f"{sample.stem}_{copy}.JPEG")
+        if held:
+            boxes.append(f"val/{name},{w // 4},{h // 4},{3 * w // 4},{3 * h // 4}")
+            sizes.append(f"val/{name},{w},{h}")
+            labels.append(f"val/{name},{index[wnid]}")
+    for file, rows in (("localization.txt", boxes), ("image_sizes.txt", sizes), ("class_labels.txt", labels)):
+        (meta / file).write_text("\n".join(rows) + "\n")
+    return root
 
-    from conftest import SHARED_DATA
 
-    pack = SHARED_DATA / "cifar10-jpeg.tar.gz"
+def test_fit_example_trains_scores_and_saves_the_explainer(tmp_path):
+    pack = SHARED_DATA / "imagenet-samples.tar.gz"
     if not pack.exists():
-        pytest.skip("shared CIFAR-10 pack not found")
-    out = _run("fit_custom_classifier.py", "--cifar-pack", str(pack), "--cache", str(tmp_path / "cache"),
-               "--out", str(tmp_path / "explainer"), "--train-images", "256", "--classifier-epochs", "1",
-               "--epochs", "1", "--embedding-epochs", "1")
-    assert "mean mask on 500 test images: true class" in out and "absent class" in out
-    assert (tmp_path / "explainer" / "model.safetensors").exists()
-    assert len(list((tmp_path / "explainer").glob("test*.png"))) == 8
+        pytest.skip("shared ImageNet samples not found")
+    with tarfile.open(pack) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".JPEG")]
+        tar.extractall(tmp_path / "samples", members=members[:8])  # eight classes, one photograph each
+    root = _mini_imagenette(tmp_path / "imagenette", sorted((tmp_path / "samples").rglob("*.JPEG")))
+    out = _run("fit_custom_classifier.py", "--imagenette", str(root), "--steps", "2", "--out", str(tmp_path / "explainer"))
+    assert "recipe 'timm'" in out and "| Grad-CAM |" in out and "| this explainer |" in out
+    saved = json.loads((tmp_path / "explainer" / "config.json").read_text())
+    assert saved["evaluation"]["results"][0]["method"] == "this explainer"

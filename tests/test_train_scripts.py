@@ -140,7 +140,6 @@ def test_cifar10_mask_agreement_by_hand():
     assert abs(agreement["mean_abs_difference"] - 1.5 / 12) < 1e-6
 
 
-@pytest.mark.skip(reason="script being rewritten for recipes")
 def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     import shutil
     import subprocess
@@ -157,13 +156,13 @@ def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     script = [sys.executable, str(ROOT / "hub" / "train_cifar10.py")]
     common = ["--pack", str(pack), "--out", str(tmp_path), "--limit", "1000"]
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([*script, "explainer", *common, "--epochs", "1", "--max-steps", "2", "--batch-size", "16",
-                           "--precision", "fp32", "--checkpoints", str(tmp_path / "runs")],
+    done = subprocess.run([*script, "explainer", *common, "--max-steps", "2", "--checkpoints", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    folder = tmp_path / "explainer-cifar10"  # the shipped variant's folder
+    folder = tmp_path / "explainer-cifar10"
     assert (folder / "model.safetensors").exists()
-    assert json.loads((folder / "config.json").read_text())["training"]["precision"] == "fp32"
+    training = json.loads((folder / "config.json").read_text())["training"]
+    assert training["recipe"] == "cifar" and training["overrides"] == {} and training["steps"] == 2
     done = subprocess.run([*script, "score", *common, "--explainer", str(folder), "--explainer", str(folder)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -174,8 +173,7 @@ def test_cifar10_explainer_and_score_stages_run_end_to_end(tmp_path):
     assert done.returncode != 0 and "--explainer: score needs at least one" in done.stderr
 
 
-@pytest.mark.skip(reason="script being rewritten for recipes")
-def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
+def test_lite0_script_is_one_timm_recipe_call_and_records_it(tmp_path):
     import subprocess
     import sys
 
@@ -183,26 +181,19 @@ def test_lite0_script_runs_end_to_end_and_records_its_settings(tmp_path):
 
     wnids = ["n01443537", "n01629819"]  # goldfish, European fire salamander
     train = tiny_imagenet_pack(tmp_path / "train.tar.gz", "train", wnids, 4)
-    val = tiny_imagenet_pack(tmp_path / "val.tar.gz", "val", wnids, 2)
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, str(ROOT / "hub" / "train_lite0.py"), "--packs", str(train),
-                           "--val-pack", str(val), "--cache", str(tmp_path / "cache"), "--size", "64",
-                           "--batch-size", "4", "--steps", "3", "--embedding-steps", "1", "--score-images", "4",
-                           "--fake-label-prob", "0.5", "--precision", "fp32", "--threads", "1",
-                           "--checkpoints", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    script = [sys.executable, str(ROOT / "hub" / "train_lite0.py"), "--imagenette", "none", "--tiny", str(train),
+              "--cache", str(tmp_path / "cache"), "--threads", "1", "--checkpoints", str(tmp_path / "runs")]
+    done = subprocess.run([*script, "--steps", "2", "--set", "schedule.batch_size=4", "--set", "runtime.precision=\"fp32\"",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    folder = tmp_path / "out" / "explainer-efficientnet_lite0"
-    training = json.loads((folder / "config.json").read_text())["training"]
-    assert training["fake_label_prob"] == 0.5 and "--fake-label-prob 0.5" in training["command"]
-    assert training["precision"] == "fp32"
-    scores = json.loads((folder / "heldout.json").read_text())
-    assert [row["size"] for row in scores] == [64, 224] and all(row["images"] == 4 for row in scores)
-    assert all(0.0 <= row["mean_mask_absent_class"] <= 1.0 for row in scores)
-    bad = subprocess.run([sys.executable, str(ROOT / "hub" / "train_lite0.py"), "--packs", str(train),
-                          "--val-pack", str(val), "--fake-label-prob", "1.5"],
+    training = json.loads((tmp_path / "out" / "explainer-efficientnet_lite0" / "config.json").read_text())["training"]
+    assert training["recipe"] == "timm" and training["steps"] == 2
+    assert training["overrides"] == {"schedule.batch_size": 4, "runtime.precision": "fp32"}
+    assert "--imagenette none" in training["command"]
+    bad = subprocess.run([*script[:2], "--imagenette", "none", "--checkpoints", "x", "--out", "y"],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert bad.returncode != 0 and "--fake-label-prob: must be in [0, 1)" in bad.stderr
+    assert bad.returncode != 0 and "--imagenette none: give --tiny packs" in bad.stderr
 
 
 def test_centre_presence_script_measures_on_the_pack_and_keeps_the_weights(tmp_path):
