@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from blackbox_saliency import Explainer, load_classifier
 from blackbox_saliency.datasets import cifar10
-from blackbox_saliency.pretrained import pretrained_for
+from blackbox_saliency.hub import pretrained_for
 from blackbox_saliency.visualize import denormalize, saliency_panel
 
 

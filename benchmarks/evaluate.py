@@ -43,7 +43,7 @@ from blackbox_saliency.allocator import keep_freed_memory
 from blackbox_saliency.baselines import BASELINES
 from blackbox_saliency.datasets import ImageNetSamples, ImageNetValBoxes, TinyImageNet, cifar10, scale_boxes
 from blackbox_saliency.evidence import blur_sigma_for, gaussian_blur
-from blackbox_saliency.pretrained import pretrained_for
+from blackbox_saliency.hub import pretrained_for
 from blackbox_saliency.metrics import (box_area, deletion_auc, insertion_auc, localisation_error, pointing_game,
                                        saliency_metric, tightest_box)
 from blackbox_saliency.visualize import denormalize, overlay, to_pil

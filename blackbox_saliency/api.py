@@ -16,7 +16,7 @@ from ._blackbox import device_of, frozen
 from ._validation import (ClassIds, LogitsOf, check_class_ids, check_classifier, check_images, check_logits,
                           probe_classifier)
 from .explainer import Explainer
-from .pretrained import known_explainer_for, shared_explainer
+from .hub import known_explainer_for, shared_explainer
 from .optimize import optimize_masks
 
 __all__ = ["explain", "top_classes"]
@@ -210,7 +210,7 @@ def explain(
             (default): each image's top prediction (see :func:`top_classes` for the top k).
         explainer: a trained :class:`Explainer` for this classifier, or the folder or Hub repo
             id of one (loaded once per process). Left out, a timm classifier with a known
-            pretrained explainer (:data:`blackbox_saliency.pretrained.KNOWN_EXPLAINERS`) gets it.
+            pretrained explainer (:data:`blackbox_saliency.hub.KNOWN_EXPLAINERS`) gets it.
         method: ``"explainer"`` (one forward pass; needs ``explainer``), ``"optimize"`` (the
             paper's slow iterative baseline: a few hundred classifier passes per image), or
             ``"auto"``: the explainer when there is one, else the optimisation, with a warning.

@@ -112,8 +112,8 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
     else the Hub repo ``blackbox-saliency/classifier-cifar10``."""
     from torchvision import transforms
 
-    from . import pretrained
-    from .pretrained import weights_folder
+    from . import hub
+    from .hub import weights_folder
 
     try:
         folder = weights_folder("classifier-cifar10", "blackbox-saliency/classifier-cifar10")
@@ -121,7 +121,7 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
         raise FileNotFoundError(
             f"load_classifier('cifar10'): its weights are not in this installation and not reachable ({err}); "
             "train them from a source checkout of blackbox-saliency (hub/ is not installed) with: "
-            f"python hub/train_cifar10.py classifier --pack CIFAR10_PACK --out {pretrained.WEIGHTS_FOLDER}"
+            f"python hub/train_cifar10.py classifier --pack CIFAR10_PACK --out {hub.WEIGHTS_FOLDER}"
         ) from err
     model = cifar10_classifier_from_folder(folder)
     model.pretrained_cfg = {"architecture": "cifar10_resnet9", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,

@@ -174,9 +174,9 @@ def _load_classifier(name: str) -> tuple[torch.nn.Module, Any]:
     except OSError as err:  # neither shipped nor downloadable (offline, not published)
         if name != "cifar10":
             raise
-        from . import pretrained
+        from . import hub
 
-        folder = pretrained.WEIGHTS_FOLDER  # read at call time: tests point it elsewhere
+        folder = hub.WEIGHTS_FOLDER  # read at call time: tests point it elsewhere
         raise CommandError(
             f"--classifier cifar10: its weights are not available: not in {folder / 'classifier-cifar10'}, and the "
             f"Hub repo blackbox-saliency/classifier-cifar10 cannot be had ({_one_line(_root_cause(err))}); train them "
@@ -227,7 +227,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     from . import Explainer, explain
     from .classifiers import imagenet_class_names
-    from .pretrained import pretrained_for, shared_explainer
+    from .hub import pretrained_for, shared_explainer
     from .visualize import denormalize, saliency_panel
 
     _check_out_folder(args.out)

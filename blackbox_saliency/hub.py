@@ -1,12 +1,15 @@
-"""What the Hugging Face Hub integration needs besides the model: card metadata and text, and
-where a name's files are (a folder, or a Hub snapshot downloaded or from the cache).
+"""Hugging Face Hub I/O: where an explainer's files are (a folder, a Hub snapshot downloaded or
+from the cache, or the copy shipped in the package), which classifier each of this project's
+explainers belongs to, the per-process cache ``explain`` loads them through, and the model card.
 
 :class:`~blackbox_saliency.Explainer` is a ``huggingface_hub.PyTorchModelHubMixin``: saving,
 loading and pushing are the mixin's, made stricter there (safetensors only, strict weights,
 config checked before anything is built, atomic writes). Files follow the Hub's conventions:
 ``config.json`` (plain JSON that rebuilds the model), ``model.safetensors`` and ``README.md``
-(the model card). Pickle checkpoints are never loaded: they can run code. This module never
-imports the explainer.
+(the model card). Pickle checkpoints are never loaded: they can run code.
+
+The shipped files live in ``blackbox_saliency/weights/<name>/``, installed with the package, so
+the pretrained explainer of the default classifier works offline after ``pip install``.
 """
 
 from __future__ import annotations
@@ -14,16 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from huggingface_hub import ModelCardData, constants, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-if TYPE_CHECKING:  # the explainer imports this module; this one never imports it back
-    from .explainer import ExplainerConfig
+if TYPE_CHECKING:  # the explainer imports this module; this one imports it only inside functions
+    from .explainer import Explainer, ExplainerConfig
 
-__all__ = ["model_card", "resolve_folder", "snapshot_folder", "check_folder", "repo_id_problem"]
+__all__ = ["model_card", "resolve_folder", "snapshot_folder", "check_folder", "repo_id_problem", "KNOWN_EXPLAINERS",
+           "WEIGHTS_FOLDER", "pretrained_for", "load_explainer", "shared_explainer", "known_explainer_for",
+           "weights_folder", "clear_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +192,104 @@ def snapshot_folder(repo_id: str, revision: str | None = None, cache_dir: str | 
                                       local_files_only=local_files_only))
     except Exception as err:  # offline and not cached, no such repo or revision, gated, a timeout...
         raise FileNotFoundError(f"{what}: could not get Hub repo {repo_id!r} (revision {revision or 'main'}): {err}") from err
+
+
+# ------------------------------------------------------ this project's pretrained explainers
+
+#: Where the package's shipped models are.
+WEIGHTS_FOLDER = Path(__file__).resolve().parent / "weights"
+
+#: Classifier architecture (``pretrained_cfg["architecture"]``) -> its explainer: the folder
+#: shipped in :data:`WEIGHTS_FOLDER` and the Hub repo it is published as.
+KNOWN_EXPLAINERS: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0": {"repo_id": "blackbox-saliency/explainer-efficientnet_lite0", "folder": "explainer-efficientnet_lite0"},
+    "cifar10_resnet9": {"repo_id": "blackbox-saliency/explainer-cifar10", "folder": "explainer-cifar10"},
+}
+
+#: After a failed load (offline, a timeout, a gated repo), try again after this many seconds:
+#: not on every call (a Hub retry costs most of a minute), not never (the network comes back).
+RETRY_AFTER_SECONDS = 300.0
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str | None, str], "Explainer"] = {}
+_failed: dict[str, float] = {}
+
+
+def weights_folder(folder: str, repo_id: str) -> Path:
+    """The local folder of a model this project publishes: the copy shipped in the package when
+    it is there, else the Hub snapshot of ``repo_id`` (downloaded, or the cache offline)."""
+    shipped = WEIGHTS_FOLDER / folder
+    if (shipped / WEIGHTS_NAME).is_file() and (shipped / CONFIG_NAME).is_file():
+        return shipped
+    return snapshot_folder(repo_id, what=f"{folder} (not shipped in this installation)")
+
+
+def pretrained_for(classifier: object) -> str | None:
+    """This project's explainer for a classifier, by its ``pretrained_cfg["architecture"]``: the
+    shipped folder, else its Hub repo id; ``None`` when the architecture has no known explainer."""
+    cfg = getattr(classifier, "pretrained_cfg", None) or getattr(classifier, "default_cfg", None) or {}
+    entry = KNOWN_EXPLAINERS.get(cfg.get("architecture", "") if isinstance(cfg, dict) else "")
+    if entry is None:
+        return None
+    folder = WEIGHTS_FOLDER / entry["folder"]
+    return str(folder) if (folder / WEIGHTS_NAME).is_file() else entry["repo_id"]
+
+
+def load_explainer(name_or_folder: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> "Explainer":
+    """:meth:`Explainer.from_pretrained`, as a function: a new module of the caller's own."""
+    from .explainer import Explainer
+
+    return Explainer.from_pretrained(name_or_folder, revision=revision, **kwargs)
+
+
+def shared_explainer(name_or_folder: str | os.PathLike, revision: str | None = None,
+                     device: str | torch.device = "cpu") -> "Explainer":
+    """One explainer per (name, revision, device), loaded once per process and shared by every
+    caller: treat it as read-only (``explain`` does). For a module to change (``.to()``,
+    ``for_inference``), use :func:`load_explainer`, which gives a copy of your own."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: not a device: {device!r}") from err
+    key = (os.fspath(name_or_folder), revision, str(device))
+    with _lock:
+        if key not in _cache:
+            _cache[key] = load_explainer(key[0], revision=revision, map_location=device)
+        return _cache[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded explainers and failed loads (tests; a long-running process that changed its
+    network or credentials)."""
+    with _lock:
+        _cache.clear()
+        _failed.clear()
+
+
+def known_explainer_for(classifier: object, input_shape: tuple[int, ...], device: str | torch.device) -> "Explainer | None":
+    """This project's pretrained explainer for ``classifier``, on ``device``, when the
+    architecture has one, it can be loaded, and it fits: the same class count and input shape
+    ``(C, H, W)``. A fine-tuned model of a known architecture gets ``None`` instead of an
+    explainer it never asked for; so does one whose explainer failed to load in the last
+    :data:`RETRY_AFTER_SECONDS`."""
+    name = pretrained_for(classifier)
+    if name is None:
+        return None
+    failed_at = _failed.get(name)
+    if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_SECONDS:
+        return None
+    try:
+        explainer = shared_explainer(name, device=device)
+    except Exception as err:  # offline, a timeout, a gated or missing repo, a malformed folder
+        _failed[name] = time.monotonic()
+        logger.warning("the pretrained explainer %s is not available (%s); trying again after %.0f s", name, err,
+                    RETRY_AFTER_SECONDS)
+        return None
+    _failed.pop(name, None)
+    size = explainer.config.classifier.input_size
+    classes = getattr(classifier, "num_classes", None)
+    if (classes is not None and classes != explainer.num_classes) or (size and list(input_shape) != list(size)):
+        logger.info("the pretrained explainer %s does not fit this classifier or input size; not using it", name)
+        return None
+    logger.info("using the pretrained explainer %s", name)
+    return explainer

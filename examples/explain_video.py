@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blackbox_saliency import Explainer, load_classifier
-from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+from blackbox_saliency.hub import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, planted_patterns
 from blackbox_saliency.visualize import denormalize, overlay, to_pil
 

@@ -15,7 +15,7 @@ import torch
 
 from blackbox_saliency import Explainer, explain
 from blackbox_saliency.metrics import localisation_error
-from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+from blackbox_saliency.hub import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 from blackbox_saliency.visualize import saliency_panel
 

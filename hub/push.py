@@ -19,7 +19,7 @@ from huggingface_hub import HfApi
 
 from blackbox_saliency import Explainer
 from blackbox_saliency.classifiers import cifar10_classifier_from_folder
-from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+from blackbox_saliency.hub import WEIGHTS_FOLDER
 
 # classifier folders published beside the explainers, each with the loader that checks it
 CLASSIFIERS: dict[str, Callable[[Path], object]] = {"classifier-cifar10": cifar10_classifier_from_folder}

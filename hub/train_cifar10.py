@@ -236,10 +236,10 @@ def evaluate_explainer(explainer, classifier, images, labels, device) -> dict[st
 def _classifier_and_split(data, out: Path, device: str):
     """``OUT``'s classifier on ``device``, the training images and labels, and the rows to train
     on and to hold out (the same for every explainer run and every ``score``)."""
-    from blackbox_saliency import pretrained
+    from blackbox_saliency import hub
     from blackbox_saliency.classifiers import _load_cifar10
 
-    pretrained.WEIGHTS_FOLDER = out  # read the classifier trained there
+    hub.WEIGHTS_FOLDER = out  # read the classifier trained there
     classifier, _ = _load_cifar10()
     classifier.to(device)
     images, labels = data["train"]

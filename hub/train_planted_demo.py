@@ -14,7 +14,7 @@ import torch
 
 from blackbox_saliency import fit_explainer, get_recipe
 from blackbox_saliency.metrics import localisation_error
-from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+from blackbox_saliency.hub import WEIGHTS_FOLDER
 from blackbox_saliency.testing import PatternClassifier, PlantedPatterns
 
 OUT = WEIGHTS_FOLDER / "explainer-planted-demo"

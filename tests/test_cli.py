@@ -433,9 +433,9 @@ def test_explain_explainer_for_another_classifier(lite0, tmp_path, capsys, monke
 
 @pytest.mark.parametrize("command", ["explain", "fit"])
 def test_cifar10_weights_missing(command, tmp_path, capsys, monkeypatch):
-    from blackbox_saliency import pretrained
+    from blackbox_saliency import hub
 
-    monkeypatch.setattr(pretrained, "WEIGHTS_FOLDER", tmp_path / "no-weights")  # nothing shipped
+    monkeypatch.setattr(hub, "WEIGHTS_FOLDER", tmp_path / "no-weights")  # nothing shipped
     if command == "explain":
         args = ["explain", str(save_image(tmp_path / "a.jpg")), "--classifier", "cifar10", "--out", str(tmp_path / "o")]
     else:

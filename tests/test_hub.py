@@ -11,9 +11,8 @@ import torch
 
 import blackbox_saliency.api as api
 import blackbox_saliency.hub as hub
-import blackbox_saliency.pretrained as pretrained
 from blackbox_saliency import Explainer, explain
-from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+from blackbox_saliency.hub import WEIGHTS_FOLDER
 
 from conftest import SMALL, tiny_cnn
 
@@ -320,9 +319,9 @@ def test_known_timm_classifier_gets_its_explainer(explainer, tmp_path, monkeypat
 
     classifier = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
     explainer.save_pretrained(tmp_path / "explainer-resnet18")
-    monkeypatch.setattr(pretrained, "WEIGHTS_FOLDER", tmp_path)
-    monkeypatch.setitem(pretrained.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
-    pretrained.clear_cache()
+    monkeypatch.setattr(hub, "WEIGHTS_FOLDER", tmp_path)
+    monkeypatch.setitem(hub.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
+    hub.clear_cache()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(explain(classifier, x, [1, 2], method="explainer"), explainer(x, [1, 2]).detach())
 
@@ -385,9 +384,9 @@ def test_known_explainer_is_skipped_when_it_does_not_fit(explainer, tmp_path, mo
     import timm
 
     explainer.save_pretrained(tmp_path / "explainer-resnet18")
-    monkeypatch.setattr(pretrained, "WEIGHTS_FOLDER", tmp_path)
-    monkeypatch.setitem(pretrained.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
-    pretrained.clear_cache()
+    monkeypatch.setattr(hub, "WEIGHTS_FOLDER", tmp_path)
+    monkeypatch.setitem(hub.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
+    hub.clear_cache()
     fine_tuned = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()  # 7 classes, not 4
     with pytest.raises(ValueError, match="needs a trained explainer"):
         explain(fine_tuned, torch.randn(1, 3, 32, 32), 0, method="explainer")

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-import blackbox_saliency.pretrained as pretrained
+import blackbox_saliency.hub as hub
 from blackbox_saliency import Explainer, explain, fit_explainer
 from blackbox_saliency.encoders import DEFAULT_ENCODER, build_encoder, classifier_features
 
@@ -22,9 +22,9 @@ def saved(tmp_path):
     torch.manual_seed(0)
     explainer = Explainer(num_classes=4, **SMALL, classifier_info={"name": "tiny_cnn", "input_size": [3, 32, 32]}).eval()
     explainer.save_pretrained(tmp_path / "saved")
-    pretrained.clear_cache()
+    hub.clear_cache()
     yield explainer, tmp_path / "saved"
-    pretrained.clear_cache()
+    hub.clear_cache()
 
 
 def test_from_pretrained_moves_the_model_to_map_location(saved):
@@ -37,25 +37,25 @@ def test_from_pretrained_moves_the_model_to_map_location(saved):
 
 def test_shared_explainer_is_per_device_and_user_copies_are_their_own(saved):
     _, folder = saved
-    cpu = pretrained.shared_explainer(folder, device="cpu")
-    assert pretrained.shared_explainer(folder, device="cpu") is cpu
-    meta = pretrained.shared_explainer(folder, device="meta")
+    cpu = hub.shared_explainer(folder, device="cpu")
+    assert hub.shared_explainer(folder, device="cpu") is cpu
+    meta = hub.shared_explainer(folder, device="meta")
     assert meta is not cpu and meta.device.type == "meta" and cpu.device.type == "cpu"
-    mine = pretrained.load_explainer(folder)
+    mine = hub.load_explainer(folder)
     mine.to(torch.float64)  # changing one's own copy changes nobody else's
     assert next(cpu.parameters()).dtype == torch.float32 and mine is not cpu
     with pytest.raises(ValueError, match="device: not a device"):
-        pretrained.shared_explainer(folder, device="no-such-device")
+        hub.shared_explainer(folder, device="no-such-device")
 
 
 def test_a_failed_load_is_retried_later_not_never(saved, monkeypatch):
     explainer, folder = saved
     classifier = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
     (folder.parent / "explainer-resnet18").symlink_to(folder)
-    monkeypatch.setattr(pretrained, "WEIGHTS_FOLDER", folder.parent)
-    monkeypatch.setitem(pretrained.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
+    monkeypatch.setattr(hub, "WEIGHTS_FOLDER", folder.parent)
+    monkeypatch.setitem(hub.KNOWN_EXPLAINERS, "resnet18", {"repo_id": "x/y", "folder": "explainer-resnet18"})
     calls = []
-    real = pretrained.load_explainer
+    real = hub.load_explainer
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -63,12 +63,12 @@ def test_a_failed_load_is_retried_later_not_never(saved, monkeypatch):
             raise TimeoutError("the Hub timed out")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretrained, "load_explainer", flaky)
-    assert pretrained.known_explainer_for(classifier, (3, 32, 32), "cpu") is None
-    assert pretrained.known_explainer_for(classifier, (3, 32, 32), "cpu") is None  # not asked again at once
+    monkeypatch.setattr(hub, "load_explainer", flaky)
+    assert hub.known_explainer_for(classifier, (3, 32, 32), "cpu") is None
+    assert hub.known_explainer_for(classifier, (3, 32, 32), "cpu") is None  # not asked again at once
     assert len(calls) == 1
-    monkeypatch.setattr(pretrained, "RETRY_AFTER_SECONDS", 0.0)
-    found = pretrained.known_explainer_for(classifier, (3, 32, 32), "cpu")
+    monkeypatch.setattr(hub, "RETRY_AFTER_SECONDS", 0.0)
+    found = hub.known_explainer_for(classifier, (3, 32, 32), "cpu")
     assert found is not None and len(calls) == 2
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(explain(classifier, x, [1, 2]), explainer(x, [1, 2]))
@@ -78,11 +78,11 @@ def test_the_shipped_explainer_is_inside_the_package():
     import importlib.resources
 
     package = importlib.resources.files("blackbox_saliency")
-    folder = pretrained.WEIGHTS_FOLDER / "explainer-efficientnet_lite0"
+    folder = hub.WEIGHTS_FOLDER / "explainer-efficientnet_lite0"
     assert str(folder).startswith(str(package))
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     lite0 = timm.create_model("efficientnet_lite0", pretrained=False)
-    assert pretrained.pretrained_for(lite0) == str(folder)
+    assert hub.pretrained_for(lite0) == str(folder)
 
 
 def test_one_default_encoder_everywhere_and_it_works_offline():

@@ -65,7 +65,7 @@ class _RecordingApi:
 def test_push_publishes_the_cifar10_classifier_too(tmp_path, monkeypatch, capsys):
     import shutil
 
-    from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+    from blackbox_saliency.hub import WEIGHTS_FOLDER
 
     push = _script("push")
     shutil.copytree(WEIGHTS_FOLDER / "classifier-cifar10", tmp_path / "classifier-cifar10")
@@ -84,7 +84,7 @@ def test_push_checks_a_classifier_folder_before_pushing_anything(tmp_path, monke
 
     import pytest
 
-    from blackbox_saliency.pretrained import WEIGHTS_FOLDER
+    from blackbox_saliency.hub import WEIGHTS_FOLDER
 
     push = _script("push")
     shutil.copytree(WEIGHTS_FOLDER / "classifier-cifar10", tmp_path / "classifier-cifar10")
