@@ -440,8 +440,9 @@ def _timm() -> Recipe:
     return Recipe(
         name="timm", description="a timm classifier's own frozen features, class filter made from its head",
         model=ModelSettings(encoder="classifier", class_embedding="classifier_head", presence_std_threshold=2.0),
-        objective=SaliencyObjective(preserve_weight=1.0, area_weight=16.0),
-        schedule=Schedule(stages=(MaskStage(0.6, filter="fixed", resolution=0.5), MaskStage(0.4, filter="fixed")),
+        # area weight 32, not 16: tighter masks, whose boxes keep the class (research/log/2026-12-07-timm-recipe-user-classifier.md)
+        objective=SaliencyObjective(preserve_weight=1.0, area_weight=32.0),
+        schedule=Schedule(stages=(MaskStage(0.65, filter="fixed", resolution=0.5), MaskStage(0.35, filter="fixed")),
                           steps=1000, batch_size=32),
         sampling=Sampling(class_source="prediction", crop_scale=(0.35, 1.0)),
     )
