@@ -115,21 +115,46 @@ OLD_CONFIG_DEFAULTS: dict[str, Any] = {"class_filter": "bottleneck", "class_embe
                                        "presence_std_threshold": None, "gate_encoder": False}
 
 
-def _schema(*types: type) -> Any:
-    """A required config field and the JSON types ``config.json`` may give it."""
-    return field(metadata={"types": types})
+def _setting(types: tuple[type, ...], default: Any = MISSING, *, factory: Any = MISSING, model: bool = True) -> Any:
+    """An architecture field: its default (the only place it is written), the JSON types
+    ``config.json`` must give it, and whether :class:`MaskingModel` takes it by that name."""
+    return field(default=default, default_factory=factory, metadata={"types": types, "model": model})
 
 
 @dataclass
 class ExplainerConfig:
     """Everything that rebuilds an explainer, and what is known about it: the one config object,
-    saved as ``config.json`` (plus ``"format"`` and ``"version"``).
+    saved as ``config.json`` (plus ``"format"`` and ``"version"``). Its fields and their
+    defaults are the explainer's settings; :class:`Explainer` takes any of them by name.
 
-    The architecture fields are required; ``classifier`` holds the facts about the classifier
-    it explains (``config.classifier.input_size`` and so on). ``training``, ``training_data``
-    and ``evaluation`` are free-form plain JSON for people and the model card (``evaluation``
-    as markdown text, or ``{"data": ..., "results": [rows of scores]}`` for a table); None
-    means not recorded, and is left out of the file.
+    Attributes:
+        num_classes: classes of the classifier it explains.
+        encoder: ``"small"`` (default; the paper's CIFAR variant, random init) or a timm model
+            name (``features_only``); built with ``encoder_kwargs`` (plain JSON) and ``in_chans``.
+        mask_reduction: the mask's resolution is the input's divided by this (default 4).
+        width_multiplier: decoder channels relative to the encoder's (default 0.75).
+        num_bottlenecks: bottleneck blocks per upsampler; None (default) gives 1 for ``"small"``,
+            3 otherwise.
+        freeze_encoder: keep the encoder fixed in training; None (default) freezes a pretrained
+            encoder or a handed-in module.
+        class_filter: ``"all"`` (default) filters the skip connections by the class as well as
+            the bottleneck; ``"bottleneck"`` is the paper's (see :class:`MaskingModel`).
+        class_embedding: ``"learned"`` (default, the paper's: one vector per class) or
+            ``"classifier_head"``: a trained linear map of the classifier's head row for each
+            class, so classes the training images lack still get one; needs
+            ``class_embedding_features``, the head's input width.
+        presence_reference: None (default) or each image's class scores centred on this value
+            (see :meth:`Explainer.centre_presence`).
+        presence_std_threshold: None (default) or ``t``: standardise each image's class scores
+            and call a class present ``t`` deviations above their mean; not with
+            ``presence_reference``.
+        gate_encoder: the class filter reads its own copy of a trainable encoder, so training can
+            keep the filter as its embedding stage left it (default False).
+        objective: the objective's settings (:meth:`SaliencyObjective.to_dict`).
+        classifier: facts about the classifier it explains (:class:`ClassifierInfo`).
+        training, training_data, evaluation: free-form plain JSON for people and the model card
+            (``evaluation`` as markdown text, or ``{"data": ..., "results": [rows]}`` for a
+            table); None means not recorded, and is left out of the file.
 
     Example:
         >>> config = Explainer(num_classes=10, classifier_info={"input_size": [3, 32, 32]}).config
@@ -139,25 +164,64 @@ class ExplainerConfig:
         True
     """
 
-    num_classes: int = _schema(int)
-    encoder: str = _schema(str)
-    encoder_kwargs: dict[str, Any] = _schema(dict)
-    in_chans: int = _schema(int)
-    mask_reduction: int = _schema(int)
-    width_multiplier: float = _schema(int, float)
-    num_bottlenecks: int = _schema(int)
-    freeze_encoder: bool = _schema(bool)
-    class_filter: str = _schema(str)
-    class_embedding: str = _schema(str)
-    class_embedding_features: int | None = _schema(int, type(None))
-    presence_reference: float | None = _schema(int, float, type(None))
-    presence_std_threshold: float | None = _schema(int, float, type(None))
-    gate_encoder: bool = _schema(bool)
-    objective: dict[str, Any] = _schema(dict)
+    num_classes: int = _setting((int,))
+    encoder: str = _setting((str,), DEFAULT_ENCODER, model=False)
+    encoder_kwargs: dict[str, Any] = _setting((dict,), factory=dict, model=False)
+    in_chans: int = _setting((int,), 3, model=False)
+    mask_reduction: int = _setting((int,), 4)
+    width_multiplier: float = _setting((int, float), 0.75)
+    num_bottlenecks: int | None = _setting((int,), None)
+    freeze_encoder: bool | None = _setting((bool,), None)
+    class_filter: str = _setting((str,), "all")
+    class_embedding: str = _setting((str,), "learned")
+    class_embedding_features: int | None = _setting((int, type(None)), None)
+    presence_reference: float | None = _setting((int, float, type(None)), None)
+    presence_std_threshold: float | None = _setting((int, float, type(None)), None)
+    gate_encoder: bool = _setting((bool,), False)
+    objective: dict[str, Any] = _setting((dict,), factory=dict, model=False)
     classifier: ClassifierInfo = field(default_factory=ClassifierInfo)
     training: dict[str, Any] | None = None
     training_data: Any = None
     evaluation: Any = None
+
+    @classmethod
+    def create(cls, num_classes: int, encoder: str | nn.Module = DEFAULT_ENCODER, *,
+               classifier_info: dict[str, Any] | ClassifierInfo | None = None, pretrained_encoder: bool = False,
+               **settings: Any) -> "ExplainerConfig":
+        """The config of a new explainer: ``settings`` are fields of this class by name, the
+        defaults that depend on the encoder are filled in, and every value must be plain JSON
+        (the Hub mixin would otherwise leave it out of the saved config without a word).
+
+        Example:
+            >>> ExplainerConfig.create(10, "small").num_bottlenecks
+            1
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
+        names = [f.name for f in fields(cls) if f.metadata and f.name not in ("num_classes", "encoder")]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise TypeError(f"{', '.join(unknown)}: not an explainer setting; the settings are {names}")
+        built_with = getattr(encoder, "timm_kwargs", None) if isinstance(encoder, nn.Module) else None
+        settings["encoder_kwargs"] = copy.deepcopy({**(built_with or {}), **dict(settings.get("encoder_kwargs") or {})})
+        settings["objective"] = copy.deepcopy(dict(settings.get("objective") or {}))
+        for key in ("encoder_kwargs", "objective"):
+            _check_json(settings[key], key)
+        if isinstance(classifier_info, ClassifierInfo):
+            info = copy.deepcopy(classifier_info)
+            info.validate("classifier_info")
+        else:
+            info = ClassifierInfo.from_dict(classifier_info or {}, where="classifier_info")
+        name = encoder if isinstance(encoder, str) else _timm_name(encoder) or f"custom:{type(encoder).__name__}"
+        if settings.get("num_bottlenecks") is None:
+            settings["num_bottlenecks"] = 1 if name == "small" else 3
+        if settings.get("freeze_encoder") is None:
+            settings["freeze_encoder"] = bool(pretrained_encoder and name != "small") or isinstance(encoder, nn.Module)
+        return cls(num_classes=num_classes, encoder=name, classifier=info, **settings)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The fields :class:`MaskingModel` takes, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("model")}
 
     def to_dict(self) -> dict[str, Any]:
         """The config as ``config.json`` holds it: plain JSON, unknown metadata left out."""
@@ -185,7 +249,7 @@ class ExplainerConfig:
             raise ValueError(f"config: unsupported version {values.get('version')!r}, expected {CONFIG_VERSION}")
         values = {k: v for k, v in values.items() if k not in ("format", "version")}
         values = {**OLD_CONFIG_DEFAULTS, **values}
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        required = [f.name for f in fields(cls) if f.metadata]  # a saved config spells out its architecture
         missing = [k for k in required if k not in values]
         if missing:
             raise ValueError(f"config: missing key(s) {missing}")
@@ -273,37 +337,14 @@ class Explainer(
 
     Args:
         num_classes: classes of the classifier it explains.
-        encoder: ``"small"`` (default; the paper's CIFAR variant, random init), a timm model name, or an
-            ``nn.Module`` feature pyramid (timm ``features_only=True`` or similar).
+        encoder: ``"small"`` (default), a timm model name, or an ``nn.Module`` feature pyramid
+            (timm ``features_only=True`` or similar).
+        config: an :class:`ExplainerConfig` to build from, instead of the arguments.
         pretrained_encoder: load timm's weights for a named encoder.
-        encoder_kwargs: passed to the encoder's constructor (e.g. ``{"widths": [32, 64, 128]}``); plain JSON.
-        num_bottlenecks: bottleneck blocks per upsampler; default 1 for ``"small"``, 3 otherwise.
-        freeze_encoder: keep the encoder fixed in training; default: when it is pretrained or
-            handed in as a module.
-        objective: the objective's settings (:meth:`SaliencyObjective.to_dict`), kept in the config.
         classifier_info: plain facts about the classifier (name, input size, normalisation,
             class names): a dict or a :class:`ClassifierInfo`, kept in the config.
-        class_filter: ``"all"`` (default) filters the skip connections by the class as well as
-            the bottleneck; ``"bottleneck"`` is the paper's (see :class:`MaskingModel`).
-        class_embedding: ``"learned"`` (default, the paper's: one trained vector per class) or
-            ``"classifier_head"``: each class's vector is a trained linear map of the classifier's
-            head row for that class, so that classes the training images lack still get one
-            derived from the classifier. Needs ``class_embedding_features``, the head's input
-            width; ``fit_explainer`` fills the head rows from the classifier (see
-            :class:`~blackbox_saliency.masking_model.FeatureFilter`).
-        presence_reference: None (default, the paper's filter) or a float: centre each image's
-            class scores on it, so the filter calls as many classes present on a kind of image
-            it was not trained on (see :meth:`centre_presence`, which measures it).
-        presence_std_threshold: None (default, the paper's filter) or a float ``t``: standardise
-            each image's class scores over the classes and call a class present when it stands
-            ``t`` deviations above their mean (see
-            :class:`~blackbox_saliency.masking_model.FeatureFilter`); not with ``presence_reference``.
-        gate_encoder: False (default, the paper's: one encoder) or True: the class filter's gate
-            reads its own copy of a trainable encoder and the decoder the other copy, so that
-            training can keep the filter as its embedding stage left it while the decoder's
-            features go on learning (``fit_explainer(..., freeze_embedding=True or
-            "from_mask_losses")``). Twice the encoder's cost per image. ``fit_explainer`` turns it
-            on for ``encoder="small"`` unless told otherwise (its "small encoder's defaults").
+        **settings: any other field of :class:`ExplainerConfig` (``mask_reduction``,
+            ``class_filter``, ``objective``...), with its defaults.
 
     Arguments that ``config.json`` could not hold are refused here, by name: the Hub mixin
     would otherwise leave them out of the saved config without a word.
@@ -314,60 +355,24 @@ class Explainer(
         torch.Size([2, 1, 32, 32])
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        encoder: str | nn.Module = DEFAULT_ENCODER,
-        pretrained_encoder: bool = False,
-        encoder_kwargs: dict[str, Any] | None = None,
-        in_chans: int = 3,
-        mask_reduction: int = 4,
-        width_multiplier: float = 0.75,
-        num_bottlenecks: int | None = None,
-        freeze_encoder: bool | None = None,
-        objective: dict[str, float] | None = None,
-        classifier_info: dict[str, Any] | ClassifierInfo | None = None,
-        class_filter: str = "all",
-        class_embedding: str = "learned",
-        class_embedding_features: int | None = None,
-        presence_reference: float | None = None,
-        presence_std_threshold: float | None = None,
-        gate_encoder: bool = False,
-    ):
+    def __init__(self, num_classes: int | None = None, encoder: str | nn.Module = DEFAULT_ENCODER, *,
+                 config: ExplainerConfig | None = None, pretrained_encoder: bool = False,
+                 classifier_info: dict[str, Any] | ClassifierInfo | None = None, **settings: Any):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-            raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
-        # an encoder module built from a timm name records the arguments that rebuild it
-        built_with = getattr(encoder, "timm_kwargs", None) if isinstance(encoder, nn.Module) else None
-        encoder_kwargs = copy.deepcopy({**(built_with or {}), **dict(encoder_kwargs or {})})
-        objective = copy.deepcopy(dict(objective or {}))
-        _check_json(encoder_kwargs, "encoder_kwargs")
-        _check_json(objective, "objective")
-        if isinstance(classifier_info, ClassifierInfo):
-            info = copy.deepcopy(classifier_info)
-            info.validate("classifier_info")
+        if config is None:
+            if num_classes is None:
+                raise TypeError("num_classes: required (or give config)")
+            config = ExplainerConfig.create(num_classes, encoder, classifier_info=classifier_info,
+                                            pretrained_encoder=pretrained_encoder, **settings)
+        elif num_classes is not None or settings or classifier_info is not None:
+            raise TypeError("config: give a config or the explainer's settings, not both")
         else:
-            info = ClassifierInfo.from_dict(classifier_info or {}, where="classifier_info")
-        if encoder == "small":
-            pretrained_encoder = False  # the CIFAR variant is always trained from random init
-        encoder_name = encoder if isinstance(encoder, str) else _timm_name(encoder) or f"custom:{type(encoder).__name__}"
-        module = build_encoder(encoder, pretrained=pretrained_encoder, in_chans=in_chans, **encoder_kwargs)
-        if num_bottlenecks is None:
-            num_bottlenecks = 1 if encoder == "small" else 3
-        if freeze_encoder is None:
-            freeze_encoder = bool(pretrained_encoder) or isinstance(encoder, nn.Module)
-        self.masking_model = MaskingModel(
-            module, num_classes, mask_reduction, width_multiplier, num_bottlenecks, freeze_encoder, class_filter,
-            class_embedding, class_embedding_features, presence_reference, presence_std_threshold, gate_encoder,
-        )
-        self.config = ExplainerConfig(
-            num_classes=num_classes, encoder=encoder_name, encoder_kwargs=encoder_kwargs, in_chans=in_chans,
-            mask_reduction=mask_reduction, width_multiplier=width_multiplier, num_bottlenecks=num_bottlenecks,
-            freeze_encoder=freeze_encoder, class_filter=class_filter, class_embedding=class_embedding,
-            class_embedding_features=class_embedding_features, presence_reference=presence_reference,
-            presence_std_threshold=presence_std_threshold, gate_encoder=gate_encoder, objective=objective,
-            classifier=info,
-        )
+            config = copy.deepcopy(config)
+        module = encoder if isinstance(encoder, nn.Module) else config.encoder
+        pretrained = pretrained_encoder and config.encoder != "small"  # the CIFAR variant always starts random
+        self.masking_model = MaskingModel(build_encoder(module, pretrained=pretrained, in_chans=config.in_chans,
+                                                        **config.encoder_kwargs), **config.model_kwargs())
+        self.config = config
 
     # The mixin keeps the config it saves in ``_hub_mixin_config``, built from the constructor's
     # JSON-able arguments (others silently left out). Here it is the ExplainerConfig itself:
@@ -558,17 +563,7 @@ class Explainer(
             config.validate()
         else:
             config = ExplainerConfig.from_dict(config)
-        explainer = cls(
-            num_classes=config.num_classes, encoder=config.encoder, pretrained_encoder=False,
-            encoder_kwargs=config.encoder_kwargs, in_chans=config.in_chans, mask_reduction=config.mask_reduction,
-            width_multiplier=config.width_multiplier, num_bottlenecks=config.num_bottlenecks,
-            freeze_encoder=config.freeze_encoder, objective=config.objective, classifier_info=config.classifier,
-            class_filter=config.class_filter, class_embedding=config.class_embedding,
-            class_embedding_features=config.class_embedding_features, presence_reference=config.presence_reference,
-            presence_std_threshold=config.presence_std_threshold, gate_encoder=config.gate_encoder,
-        )
-        explainer.config = copy.deepcopy(config)
-        return explainer
+        return cls(config=config)
 
     @classmethod
     def from_pretrained(
