@@ -105,6 +105,21 @@ def probabilities(model, images, masks, labels, batch_size=50):
     return torch.cat(kept).mean().item(), torch.cat(removed).mean().item()
 
 
+CARD_METHODS = ("this library's explainer", "Grad-CAM", "centre box", "max box")
+
+
+def write_card(folder: Path, rows: list[tuple[str, ...]], data: str) -> None:
+    """Put the explainer's row and its baselines' (localisation error, saliency metric, box area,
+    absent-class mask, masks/s) into the explainer's ``config.evaluation``, and save it again."""
+    explainer = Explainer.from_pretrained(folder)
+    number = lambda text: float(text) if text not in ("", "n/a") else None  # noqa: E731
+    results = [{"method": r[0], "localisation_error_percent": number(r[1]), "saliency_metric": number(r[3]),
+                "box_area": number(r[7]), "absent_class_mean_mask": number(r[10]), "masks_per_s": number(r[11])}
+               for r in rows if r[0].startswith(CARD_METHODS)]
+    explainer.config.evaluation = {"data": data, "results": results}
+    explainer.save_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default="efficientnet_lite0")
@@ -121,7 +136,11 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--card", action="store_true",
+                        help="write the headline rows into the --explainer folder's model card (config.evaluation)")
     args = parser.parse_args()
+    if args.card and not (args.explainer and Path(args.explainer).is_dir()):
+        parser.error("--card: give --explainer as a local folder to write the card into")
     heap = keep_freed_memory()
     torch.manual_seed(args.seed)
     model, preprocess = load_classifier(args.classifier)
@@ -188,6 +207,9 @@ def main() -> None:
     ]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.card:
+        write_card(Path(args.explainer), rows, f"{len(images)} images of `{args.data}`, true class; `{command}`; "
+                   f"{describe_cpu()}, {torch.get_num_threads()} CPU threads; {date.today()}")
 
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     names = list(figure_masks)
