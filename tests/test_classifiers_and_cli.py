@@ -42,6 +42,17 @@ def test_lite0_classifies_real_images(lite0, imagenet_samples):
     assert accuracy >= 0.5  # 81% on the 700 samples; random weights would give ~0
 
 
+@pytest.mark.parametrize("name, size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_larger_lites_load_offline_at_their_own_size_and_classify_real_images(name, size, imagenet_samples):
+    model, preprocess = load_classifier(name)
+    files, labels = imagenet_samples
+    x = torch.stack([preprocess(Image.open(f)) for f in files])
+    assert x.shape == (len(files), 3, size, size) and model.pretrained_cfg["input_size"] == (3, size, size)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == torch.tensor(labels)).float().mean().item()
+    assert accuracy >= 0.5  # 84% and 86% on 50 of the samples; weights misplaced would give ~0
+
+
 def test_unknown_classifier_name():
     with pytest.raises(ValueError, match="unknown classifier"):
         load_classifier("nope")
