@@ -134,18 +134,22 @@ class MaskStage:
     paper's), ``"presence_only"`` (the filter and its encoder learn from the presence loss alone,
     and the encoder the decoder reads stays as it is) or ``"fixed"``. ``presence_weight``: the
     presence loss's weight while the filter learns. ``resolution``: of the images' size.
+    ``area_weight``: the objective's area weight in this stage (None: the objective's own); a
+    first stage with a lighter one lets the masks learn to keep the class before they shrink.
     """
 
     share: float
     filter: Literal["learns", "presence_only", "fixed"] = "learns"
     presence_weight: float = 1.0
     resolution: float = 1.0
+    area_weight: float | None = None
 
     def __post_init__(self) -> None:
         _check_number("stage share", self.share, 0.0, 1.0)
         _check_choice("stage filter", self.filter, FILTER_MODES)
         _check_number("stage presence_weight", self.presence_weight)
         _check_number("stage resolution", self.resolution, 0.05, 1.0)
+        _check_number("stage area_weight", self.area_weight, optional=True)
 
 
 Stage = Union[EmbeddingStage, MaskStage]
@@ -442,7 +446,10 @@ def _timm() -> Recipe:
         model=ModelSettings(encoder="classifier", class_embedding="classifier_head", presence_std_threshold=2.0),
         # area weight 32, not 16: tighter masks, whose boxes keep the class (research/log/2026-12-07-timm-recipe-user-classifier.md)
         objective=SaliencyObjective(preserve_weight=1.0, area_weight=32.0),
-        schedule=Schedule(stages=(MaskStage(0.65, filter="fixed", resolution=0.5), MaskStage(0.35, filter="fixed")),
+        # the half-resolution stage at a lighter area weight: from scratch at 32, masks for a 1000-class
+        # classifier collapsed (research/log/2026-12-07-timm-recipe-user-classifier.md)
+        schedule=Schedule(stages=(MaskStage(0.65, filter="fixed", resolution=0.5, area_weight=8.0),
+                                  MaskStage(0.35, filter="fixed")),
                           steps=1000, batch_size=32),
         sampling=Sampling(class_source="prediction", crop_scale=(0.35, 1.0)),
     )

@@ -207,6 +207,18 @@ def test_the_log_shows_only_the_terms_of_the_current_stage(caplog):
     assert any(m.startswith("stage 2/2 (masks, steps 3-4)") for m in messages)
 
 
+def test_a_mask_stage_with_its_own_area_weight_uses_it_and_the_next_stage_the_objectives(monkeypatch):
+    seen = []
+    original = losses.mask_objective
+    monkeypatch.setattr("blackbox_saliency.training.stages.mask_objective",
+                        lambda objective, *a: seen.append(objective.area_weight) or original(objective, *a))
+    stages = [{"kind": "masks", "share": 0.5, "area_weight": 2.0}, {"kind": "masks", "share": 0.5}]
+    fit(recipe(stages, **{"objective.area_weight": 7.0}), steps=4)
+    assert seen == [2.0, 2.0, 7.0, 7.0]
+    with pytest.raises(ValueError, match="stage area_weight"):
+        MaskStage(1.0, area_weight=-1.0)
+
+
 def _context(**sampling):
     return StageContext(PatternClassifier(patch=12), SaliencyObjective(), 4, Sampling(**sampling))
 

@@ -8,7 +8,7 @@ stage passes ``detach_gate`` to the model's forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -121,6 +121,8 @@ class Masks:
     def __init__(self, spec: MaskStage, context: StageContext, after_embedding: bool = False):
         self.spec, self.context, self.after_embedding = spec, context, after_embedding
         self.name = "masks"
+        self.objective = (context.objective if spec.area_weight is None
+                          else replace(context.objective, area_weight=spec.area_weight))
 
     def start(self, explainer: Explainer, freezer: Freezer, at_beginning: bool) -> None:
         """``"fixed"``: the class filter and the encoder it reads keep what they learnt;
@@ -145,7 +147,7 @@ class Masks:
         fakes = FakeClasses.draw(labels, ctx.num_classes, ctx.sampling.fake_label_prob, ctx.shard)
         out = forward(images, fakes.class_ids, class_logits=self.trains_filter,
                       detach_gate=self.spec.filter == "presence_only")
-        loss, logged = mask_objective(ctx.objective, ctx.classifier, images, out, fakes, ctx.shard)
+        loss, logged = mask_objective(self.objective, ctx.classifier, images, out, fakes, ctx.shard)
         if self.trains_filter:
             embed = presence_loss(out.class_logits, labels)
             loss = loss + self.spec.presence_weight * embed
